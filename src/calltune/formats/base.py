@@ -1,0 +1,107 @@
+"""What a prompt format is: one object that renders examples for training and parses completions.
+
+Owns `PromptFormat` (the base every format extends), `Parsed` (what `parse` returns) and the
+format file saved beside a trained model (`save_format` / `load_format`), so inference and serving
+use exactly the format training used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from transformers import PreTrainedTokenizerBase
+
+from calltune.formats.chat import FormatError, render_chat, render_prompt
+from calltune.schema import Example, Message, ToolCall
+
+FORMAT_FILE = "calltune_format.json"
+
+
+@dataclass
+class Parsed:
+    """A completion parsed back: the tool calls, any plain text, and why parsing failed (or None).
+
+    `error` is set when the text was meant to be a call but isn't well formed; such an output counts
+    as unparseable in the metrics. A plain-text answer with no call has ``tool_calls == []`` and no
+    error.
+    """
+
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    content: str | None = None
+    error: str | None = None
+
+
+class PromptFormat:
+    """Base of the prompt formats. A format owns both directions:
+
+    - `assistant_text(message)`: the text an assistant turn (content and/or tool calls) becomes;
+    - `render(example, tokenizer) -> (input_ids, loss_mask)` for training (assistant-only loss);
+    - `prompt(example, tokenizer) -> input_ids`: the context before the final assistant turn, with
+      the generation prompt, for inference;
+    - `parse(text) -> Parsed`: a completion back to tool calls.
+
+    Subclasses set `name` and override `assistant_text`, `parse`, and where needed `to_chat`.
+    """
+
+    name: ClassVar[str] = ""
+
+    def options(self) -> dict[str, Any]:
+        """Constructor arguments, saved with the model."""
+        return {}
+
+    # -- rendering -----------------------------------------------------------------------------
+    def assistant_text(self, message: Message) -> str:
+        raise NotImplementedError
+
+    def to_chat(self, messages: list[Message], tools: list[dict[str, Any]]) -> tuple[list[dict], list[dict] | None]:
+        """Turn canonical messages into text chat dicts for the template, and the `tools=` to pass."""
+        out = []
+        for m in messages:
+            if m.role == "assistant":
+                out.append({"role": "assistant", "content": self.assistant_text(m)})
+            else:
+                out.append({"role": m.role, "content": m.content or ""})
+        return out, None
+
+    def render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
+               train_on: str = "all") -> tuple[list[int], list[int]]:
+        """``(input_ids, loss_mask)`` of the whole conversation; see `calltune.formats.chat.render_chat`."""
+        try:
+            chat, tools = self.to_chat(example.messages, example.tools_as_dicts())
+            return render_chat(tokenizer, chat, tools, train_on=train_on, max_length=max_length)
+        except FormatError as err:
+            raise FormatError(f"{example.where}: {err}") from None
+
+    def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Ids of the conversation before its final assistant turn, plus the generation prompt."""
+        messages = list(example.messages)
+        if messages and messages[-1].role == "assistant":
+            messages = messages[:-1]
+        chat, tools = self.to_chat(messages, example.tools_as_dicts())
+        return render_prompt(tokenizer, chat, tools)
+
+    # -- parsing -------------------------------------------------------------------------------
+    def parse(self, text: str) -> Parsed:
+        raise NotImplementedError
+
+
+def save_format(fmt: PromptFormat, directory: str | Path) -> Path:
+    """Write the format's name and options to ``directory/calltune_format.json``."""
+    path = Path(directory) / FORMAT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": fmt.name, "options": fmt.options()}, indent=2) + "\n")
+    return path
+
+
+def load_format(directory: str | Path) -> PromptFormat | None:
+    """The format saved with a model, or None if the folder has no format file."""
+    from calltune.formats import get_format
+
+    path = Path(directory) / FORMAT_FILE
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return get_format(data["name"], **data.get("options", {}))

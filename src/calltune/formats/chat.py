@@ -1,0 +1,83 @@
+"""Rendering a conversation through a chat template into token ids and an assistant-only loss mask.
+
+Owns `render_chat`, the one place where text turns become ``(input_ids, loss_mask)``, shared by every
+prompt format for training, and `render_prompt` for inference, so training and inference can't drift.
+
+Masking rule (assistant-only loss): a token is trained iff it lies inside an assistant turn's
+content or its end-of-turn marker (the template's text between the generation prompt and the end of
+the first end-of-turn string after it). System, user and tool turns, the generation prompt
+(``<|im_start|>assistant\\n``) and whatever a template puts after end-of-turn are never trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+
+class FormatError(ValueError):
+    """A conversation can't be rendered by a format (the message names the example and the turn)."""
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The string that ends an assistant turn: the tokenizer's eos token (``<|im_end|>`` for ChatML)."""
+    if not tokenizer.eos_token:
+        raise FormatError("the tokenizer has no eos_token; set one so assistant turns can end")
+    return tokenizer.eos_token
+
+
+def _template(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None = None, train_on: str = "all",
+                max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """Render `messages` with the tokenizer's chat template and mark the trained tokens.
+
+    Args:
+        messages: HF chat dicts (``role``, ``content``, optional ``tool_calls``), already in the
+            text the format wants the model to produce.
+        tools: JSON-Schema tool dicts for templates that render tools (``tools=``).
+        train_on: ``"all"`` trains every assistant turn, ``"last"`` only the final one.
+        max_length: truncate to this many tokens (the mask is truncated alike).
+
+    Returns:
+        ``(input_ids, loss_mask)``, two lists of equal length; ``loss_mask[i] == 1`` where token i
+        is a trained target.
+
+    Raises:
+        FormatError: the template's output for a prefix is not a prefix of the whole (a template
+            that rewrites earlier turns can't be masked this way), or no end-of-turn follows a turn.
+    """
+    eot = end_of_turn(tokenizer)
+    text = _template(tokenizer, messages, tools, add_generation_prompt=False)
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last":
+        assistant_turns = assistant_turns[-1:]
+    spans = []
+    for i in assistant_turns:
+        before = _template(tokenizer, messages[:i], tools, add_generation_prompt=True)
+        if not text.startswith(before):
+            raise FormatError(f"the chat template renders turns 0..{i - 1} differently when turn {i} follows; "
+                              "it can't be masked by prefix (use a built-in format instead)")
+        end = text.find(eot, len(before))
+        if end < 0:
+            raise FormatError(f"no end-of-turn {eot!r} after assistant turn {i}")
+        spans.append((len(before), end + len(eot)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, mask = enc["input_ids"], []
+    for start, stop in enc["offset_mapping"]:
+        mask.append(int(any(a <= start < b for a, b in spans) and stop > start))
+    if max_length is not None:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return ids, mask
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
+                  tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of `messages` followed by the generation prompt: what the model continues at inference."""
+    text = _template(tokenizer, messages, tools, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

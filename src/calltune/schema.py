@@ -1,0 +1,202 @@
+"""The canonical schema: the one set of types every source produces and every later stage consumes.
+
+Owns `Example`, `Message`, `ToolCall` and `Tool`, in the shape of the OpenAI chat-completions API
+(https://platform.openai.com/docs/api-reference/chat) and of Hugging Face chat dicts, so that
+`Example.messages_as_dicts()` passes to `tokenizer.apply_chat_template(..., tools=...)` unchanged.
+
+Two choices differ from the wire format of the OpenAI API and are converted at the edges:
+- `Function.arguments` is a parsed JSON object (``dict``), not a JSON string: cleaning, metrics and
+  chat templates all want the object. `ToolCall.to_openai()` gives the string form back.
+- Every type validates on construction; a bad field raises `SchemaError` whose message is the field
+  path (``messages[2].tool_calls[0].function.name``) and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class SchemaError(ValueError):
+    """A value does not fit the canonical schema; the message names the field path."""
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            problems = "; ".join(f"{_path(e['loc'])}: {e['msg']}" for e in err.errors())
+            raise SchemaError(f"{type(self).__name__}: {problems}") from None
+
+
+class Function(_Model):
+    """A called function: its name and its arguments as a JSON object (not a string)."""
+
+    name: str = Field(min_length=1)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _arguments_from_json(cls, value: Any) -> Any:
+        # The OpenAI wire format carries arguments as a JSON string; accept it and parse it.
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as err:
+                raise ValueError(f"arguments is a string that is not JSON ({err.msg})") from None
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"arguments must be a JSON object, got {type(value).__name__}")
+        return value
+
+
+class ToolCall(_Model):
+    """One tool call of an assistant turn (OpenAI `tool_calls[i]`)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: Function
+
+    @classmethod
+    def of(cls, name: str, arguments: dict[str, Any] | None = None, id: str | None = None) -> "ToolCall":
+        """Shorthand: ``ToolCall.of("get_weather", {"city": "Paris"})``."""
+        return cls(id=id, function=Function(name=name, arguments=arguments or {}))
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        return self.function.arguments
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI wire dict, with `arguments` as a JSON string."""
+        out: dict[str, Any] = {"type": "function",
+                               "function": {"name": self.name, "arguments": json.dumps(self.arguments)}}
+        if self.id is not None:
+            out["id"] = self.id
+        return out
+
+
+class Message(_Model):
+    """One chat turn. `assistant` turns may carry `tool_calls`; `tool` turns answer one call."""
+
+    role: Role
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> "Message":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls is only allowed on assistant messages, not on role {self.role!r}")
+        if self.tool_calls == []:
+            self.tool_calls = None
+        if self.role == "assistant" and self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        if self.role in ("system", "user") and self.content is None:
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF chat dict (arguments stay objects, as chat templates expect)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"type": "function", **({"id": c.id} if c.id else {}),
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class FunctionSpec(_Model):
+    """A tool's function: name, description and JSON-Schema `parameters` (an object schema)."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _parameters_default(cls, value: Any) -> Any:
+        if value is None or value == {}:
+            return {"type": "object", "properties": {}}
+        if not isinstance(value, dict):
+            raise ValueError(f"parameters must be a JSON Schema object, got {type(value).__name__}")
+        return value
+
+
+class Tool(_Model):
+    """A tool the model may call (OpenAI `tools[i]`): ``{"type": "function", "function": {...}}``."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.function.model_dump()}
+
+
+class Example(_Model):
+    """One training or evaluation example: a conversation and the tools it may call.
+
+    `messages` is the full conversation; the assistant turns are what a format trains on (all of
+    them, unless `train_on` restricts it) and what evaluation compares against. `source` and `row`
+    say where the example came from (file or hub id, 0-based row) so later errors can point there.
+    """
+
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] = Field(default_factory=list)
+    source: str = ""
+    row: int | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    def messages_as_dicts(self) -> list[dict[str, Any]]:
+        return [m.to_dict() for m in self.messages]
+
+    def tools_as_dicts(self) -> list[dict[str, Any]]:
+        return [t.to_dict() for t in self.tools]
+
+    @property
+    def where(self) -> str:
+        """``file, row N`` for error messages."""
+        return f"{self.source or '<memory>'}, row {self.row if self.row is not None else '?'}"
+
+    def final_assistant(self) -> Message | None:
+        """The last assistant turn, the usual evaluation target; None if there is none."""
+        for message in reversed(self.messages):
+            if message.role == "assistant":
+                return message
+        return None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> "Example":
+        return cls(**json.loads(line))

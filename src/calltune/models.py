@@ -123,7 +123,7 @@ def load_tokenizer(path: str):
 
 
 def load_model(name: str | Path, dtype: torch.dtype = torch.float32, quantize_4bit: bool = False,
-               compute_dtype: torch.dtype = torch.bfloat16):
+               compute_dtype: torch.dtype = torch.bfloat16, attn_implementation: str | None = None):
     """Load a model for training or inference; returns ``(model, tokenizer, resolved_path)``.
 
     `name` goes through `resolve_model`. A LoRA adapter folder loads its base
@@ -138,6 +138,8 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32, quantize_4b
         base_path = json.loads(Path(path, "adapter_config.json").read_text())["base_model_name_or_path"]
         base_path = resolve_model(base_path)
     kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -184,7 +184,8 @@ def prepare_model(model_name: str, cfg: TrainConfig):
 
     quantize = cfg.method == "qlora"
     compute = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
-    model, tokenizer, _ = load_model(model_name, dtype=torch.float32, quantize_4bit=quantize, compute_dtype=compute)
+    model, tokenizer, _ = load_model(model_name, dtype=torch.float32, quantize_4bit=quantize, compute_dtype=compute,
+                                   attn_implementation=cfg.attn_implementation)
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.method in ("lora", "qlora"):

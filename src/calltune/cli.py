@@ -1,0 +1,189 @@
+"""The `calltune` command line: one command per stage, plus `run` for the whole pipeline.
+
+Owns argument parsing and user-facing messages only; every command calls into the stage packages.
+Bad input (unknown model, recipe key, source or format; unreadable data) exits with code 2 and a
+one-paragraph message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Fine-tune small language models for function calling, end to end.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _user_errors():
+    from calltune.formats import FormatError
+    from calltune.models import ModelNotFound
+    from calltune.recipe import RecipeError
+    from calltune.schema import SchemaError
+    from calltune.sources import SourceError
+
+    return (RecipeError, SourceError, ModelNotFound, SchemaError, FormatError, FileNotFoundError, ValueError)
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set takes key=value (e.g. train.max_steps=20), got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; see recipes/"),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="run folder (default runs/<name>)"),
+        set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set train.max_steps=20")):
+    """Prepare -> train -> evaluate base and tuned -> report.md."""
+    from calltune.pipeline import run_recipe
+    from calltune.recipe import load_recipe
+
+    if recipe is None:
+        _fail(ValueError("give a recipe, e.g. `calltune run recipes/viggo-lora.yaml`"))
+    try:
+        r = load_recipe(recipe, _parse_overrides(set_))
+        summary = run_recipe(r, output)
+    except _user_errors() as err:
+        _fail(err)
+    out = Path(output) if output else r.out
+    console.print((out / "report.md").read_text())
+    console.print(f"[green]report:[/] {out / 'report.md'}")
+    return summary
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML")):
+    """Check a recipe without loading weights; report every problem at once."""
+    from calltune.recipe import validate_recipe
+
+    try:
+        r = validate_recipe(recipe)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"[green]ok[/] {recipe}: {r.train.method} fine-tuning of {r.model} on {r.data.source}")
+
+
+@app.command()
+def train(recipe: Path = typer.Argument(..., help="recipe YAML"),
+          output: Optional[Path] = typer.Option(None, "--output", "-o", help="model folder (default runs/<name>/model)"),
+          set_: list[str] = typer.Option([], "--set", help="override a recipe key")):
+    """Train only (no evaluation): saves the model or adapter with its prompt format."""
+    from calltune.formats import get_format
+    from calltune.pipeline import prepare
+    from calltune.recipe import load_recipe
+    from calltune.train import train as run_train
+
+    try:
+        r = load_recipe(recipe, _parse_overrides(set_))
+        out = Path(output) if output else r.out / "model"
+        train_ex, _, counts, rejects = prepare(r, out.parent)
+        result = run_train(r.model, train_ex, get_format(r.format), r.train, out, rejects=rejects)
+        rejects.write()
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"[green]saved[/] {out}: {result.steps} steps, {result.train_seconds:.0f} s, "
+                  f"{result.tokens_per_s:.0f} tokens/s")
+
+
+@app.command("eval")
+def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, .gguf or hub id"),
+          data: str = typer.Option(..., "--data", help="eval file or hub id"),
+          source: str = typer.Option("viggo", "--source", help="dataset adapter"),
+          split: str = typer.Option("validation", "--split", help="hub split"),
+          fmt: Optional[str] = typer.Option(None, "--format", help="prompt format (default: the one saved with the model)"),
+          limit: Optional[int] = typer.Option(None, "--limit", help="first N examples only"),
+          batch_size: int = typer.Option(32, "--batch-size"),
+          max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+          output: Path = typer.Option(Path("runs/eval"), "--output", "-o")):
+    """Generate for an eval split and score: predictions.jsonl, metrics.json, confusion.png."""
+    from calltune.evaluate.runner import EvalConfig, evaluate_model
+    from calltune.formats import get_format
+    from calltune.sources import Rejects, load_source
+
+    try:
+        rejects = Rejects(output / "rejects.jsonl")
+        examples = load_source(source, data, split=split, rejects=rejects, limit=limit)
+        rejects.write()
+        metrics = evaluate_model(model, examples, output, EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens),
+                                 fmt=get_format(fmt) if fmt else None)
+    except _user_errors() as err:
+        _fail(err)
+    console.print_json(json.dumps(metrics))
+
+
+@app.command()
+def merge(adapter: Path = typer.Argument(..., help="LoRA adapter folder"),
+          output: Path = typer.Argument(..., help="where the merged model goes")):
+    """Fold a LoRA adapter into its base model: full HF safetensors that plain transformers loads."""
+    from calltune.train import merge_adapter
+
+    try:
+        merge_adapter(adapter, output)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"[green]merged[/] {adapter} -> {output}")
+
+
+@app.command()
+def show(recipe: Path = typer.Argument(..., help="recipe YAML"),
+         n: int = typer.Option(1, "-n", help="how many examples"),
+         model: Optional[str] = typer.Option(None, "--model", help="tokenizer to render with (default: the recipe's)")):
+    """Print training examples as the model sees them, trained tokens highlighted in green."""
+    from rich.text import Text
+
+    from calltune.formats import get_format
+    from calltune.models import load_tokenizer, resolve_model
+    from calltune.recipe import load_recipe
+    from calltune.sources import load_source
+
+    try:
+        r = load_recipe(recipe)
+        examples = load_source(r.data.source, r.data.train, split=r.data.train_split, limit=n)
+        tokenizer = load_tokenizer(resolve_model(model or r.model))
+        fmt = get_format(r.format)
+    except _user_errors() as err:
+        _fail(err)
+    for ex in examples[:n]:
+        ids, mask = fmt.render(ex, tokenizer, max_length=r.train.max_length)
+        text = Text()
+        for tok, m in zip(ids, mask):
+            text.append(tokenizer.decode([tok]), style="bold green" if m else "dim")
+        console.rule(f"{ex.where}: {len(ids)} tokens, {sum(mask)} trained")
+        console.print(text)
+
+
+@app.command()
+def resolve(model: str = typer.Argument(..., help="alias, folder, .gguf or hub id")):
+    """Print where a model resolves to (dequantising a GGUF into the cache on first use)."""
+    from calltune.models import resolve_model
+
+    try:
+        console.print(resolve_model(model))
+    except _user_errors() as err:
+        _fail(err)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

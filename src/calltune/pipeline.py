@@ -1,0 +1,137 @@
+"""The pipeline behind `calltune run`: prepare -> train -> evaluate base and tuned -> report.
+
+Owns `run_recipe` and the report it writes into the run folder:
+``report.md`` (a table in the Levanter seed's layout: one row per metric, one column per model),
+``loss.png`` (training loss curve), ``summary.json`` (every figure of the report), plus the
+artefacts of each stage: ``rejects.jsonl``, ``model/``, ``eval-base/``, ``eval-tuned/``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calltune.evaluate.runner import evaluate_model
+from calltune.formats import get_format
+from calltune.recipe import Recipe
+from calltune.sources import Rejects, load_source
+from calltune.train import train
+
+METRIC_ROWS = [("function_name_accuracy", "Function Name Accuracy"), ("attribute_set_accuracy", "Attribute Set Accuracy"),
+               ("attribute_value_accuracy", "Attribute Value Accuracy"), ("overall_accuracy", "Overall Accuracy"),
+               ("exact_match", "Exact Match"), ("unparseable_rate", "Unparseable Rate")]
+
+
+def prepare(recipe: Recipe, out: Path):
+    """Load the train and eval examples; rejects go to ``out/rejects.jsonl``. Returns (train, eval, counts)."""
+    rejects = Rejects(out / "rejects.jsonl")
+    d = recipe.data
+    train_ex = load_source(d.source, d.train, split=d.train_split, rejects=rejects, limit=d.limit)
+    if d.eval:
+        eval_ex = load_source(d.source, d.eval, split=d.eval_split, rejects=rejects)
+    else:  # seeded 10% split, as seed 3's hosted service does
+        shuffled = train_ex[:]
+        random.Random(recipe.train.seed).shuffle(shuffled)
+        k = max(1, len(shuffled) // 10)
+        eval_ex, train_ex = shuffled[:k], shuffled[k:]
+    rejects.write()
+    counts = {"train_examples": len(train_ex), "eval_examples": len(eval_ex), "rejected_rows": len(rejects),
+              "rejects_by_reason": rejects.counts}
+    return train_ex, eval_ex, counts, rejects
+
+
+def loss_png(history: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Plot the training loss per optimizer step from the Trainer's log history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points), marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (assistant tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def write_report(recipe: Recipe, out: Path, summary: dict[str, Any]) -> Path:
+    """Write ``report.md`` from the run's summary (also saved as ``summary.json``)."""
+    base, tuned = summary.get("eval_base"), summary.get("eval_tuned")
+    t = summary.get("train", {})
+    lines = [f"# calltune report: {recipe.name}", "",
+             f"Model `{recipe.model}`, method `{recipe.train.method}`, format `{recipe.format}`, "
+             f"data `{recipe.data.source}` ({summary['data']['train_examples']} train / "
+             f"{summary['data']['eval_examples']} eval examples, {summary['data']['rejected_rows']} rows rejected).", "",
+             "| Metric | Base | Tuned |", "| --- | ---: | ---: |"]
+    for key, label in METRIC_ROWS:
+        lines.append(f"| {label} | {_fmt(base.get(key) if base else None)} | {_fmt(tuned.get(key) if tuned else None)} |")
+    lines += ["", "## Training", "",
+              f"- optimizer steps: {t.get('steps')}, examples: {t.get('train_examples')}",
+              f"- wall time: {t.get('seconds', 0):.0f} s; training tokens/s (non-padding): {t.get('tokens_per_s', 0):.0f}",
+              f"- final logged loss: {t.get('final_loss')}", "", "![training loss](loss.png)", "",
+              "## Wall times (s)", ""]
+    lines += [f"- {k}: {v:.0f}" for k, v in summary["wall_seconds"].items()]
+    lines += ["", "## Machine", "", f"- {summary['machine']}", "",
+              "Artefacts: `eval-*/predictions.jsonl`, `eval-*/metrics.json`, `eval-*/confusion.png`, "
+              "`rejects.jsonl`, `model/` (TensorBoard logs in `model/checkpoints/runs`).", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run a recipe end to end and return its summary (also in ``summary.json`` and ``report.md``)."""
+    out = Path(output_dir) if output_dir else recipe.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(recipe.model_dump_json(indent=2) + "\n")
+    fmt = get_format(recipe.format)
+    walls: dict[str, float] = {}
+    summary: dict[str, Any] = {"recipe": recipe.name, "wall_seconds": walls,
+                               "machine": f"{platform.processor() or platform.machine()}, "
+                                          f"{torch.get_num_threads()} threads, torch {torch.__version__}"}
+
+    t0 = time.perf_counter()
+    train_ex, eval_ex, counts, rejects = prepare(recipe, out)
+    summary["data"] = counts
+    walls["prepare"] = time.perf_counter() - t0
+
+    if recipe.eval.base:
+        t0 = time.perf_counter()
+        summary["eval_base"] = evaluate_model(recipe.model, eval_ex, out / "eval-base", recipe.eval, fmt=fmt)
+        walls["evaluate base"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    result = train(recipe.model, train_ex, fmt, recipe.train, out / "model", rejects=rejects)
+    rejects.write()
+    walls["train"] = time.perf_counter() - t0
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    summary["train"] = {"steps": result.steps, "train_examples": result.train_examples,
+                        "seconds": result.train_seconds, "tokens_seen": result.tokens_seen,
+                        "tokens_per_s": result.tokens_per_s, "final_loss": losses[-1] if losses else None}
+    loss_png(result.log_history, out / "loss.png", f"{recipe.name}: training loss")
+
+    t0 = time.perf_counter()
+    summary["eval_tuned"] = evaluate_model(str(out / "model"), eval_ex, out / "eval-tuned", recipe.eval, fmt=fmt)
+    walls["evaluate tuned"] = time.perf_counter() - t0
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_report(recipe, out, summary)
+    return summary

@@ -1,0 +1,142 @@
+"""Recipes: the YAML files in `recipes/` that name a model, data, format, training and evaluation.
+
+Owns `Recipe` (whose keys map 1:1 onto the stage configs: `DataConfig` here, `TrainConfig` in
+`calltune.train.config`, `EvalConfig` in `calltune.evaluate.runner`), `load_recipe`, and
+`validate_recipe`, which checks a recipe without loading weights and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from calltune.evaluate.runner import EvalConfig
+from calltune.train.config import TrainConfig
+
+
+class DataConfig(BaseModel):
+    """Where the examples come from. Paths are relative to the working directory, or hub ids."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(description="dataset adapter, e.g. viggo, xlam, glaive, llama_functions, hermes, openai")
+    train: str = Field(description="training file or hub dataset id")
+    train_split: str = Field("train", description="split of a hub dataset")
+    eval: str | None = Field(None, description="evaluation file or hub id (default: split off the training set)")
+    eval_split: str = Field("validation", description="split of a hub dataset for eval")
+    limit: int | None = Field(None, ge=1, description="use only the first N training rows")
+
+
+class Recipe(BaseModel):
+    """A whole job: ``calltune run RECIPE`` runs prepare -> train -> evaluate base and tuned -> report."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="run name; the default output folder is runs/<name>")
+    model: str = Field(description="alias, local folder, .gguf file or hub id")
+    format: str = Field(description="prompt format, e.g. viggo, hermes")
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str | None = Field(None, description="where everything goes (default runs/<name>)")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or Path("runs") / self.name)
+
+
+class RecipeError(ValueError):
+    """A recipe has problems; `problems` lists every one, each naming the key path."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _model_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _problems(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(map(str, loc))
+        if e["type"] == "extra_forbidden":
+            choices = _model_fields(Recipe, loc)
+            close = difflib.get_close_matches(str(loc[-1]), choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            out.append(f"{key}: unknown key{hint} (allowed: {', '.join(choices)})")
+        else:
+            out.append(f"{key}: {e['msg']}")
+    return out
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Parse and validate a recipe file; `overrides` (dotted keys, e.g. ``train.max_steps``) win.
+
+    Raises:
+        RecipeError: file missing, not YAML, or any key unknown or invalid (all listed at once).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(str(path), ["file not found"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(str(path), [f"not valid YAML: {err}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), ["the top level must be a mapping of keys"])
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    try:
+        return Recipe(**data)
+    except ValidationError as err:
+        raise RecipeError(str(path), _problems(err)) from None
+
+
+def validate_recipe(path: str | Path) -> Recipe:
+    """`load_recipe` plus the checks that need no weights: format, source and model names, data paths.
+
+    Raises:
+        RecipeError: listing every problem found.
+    """
+    from calltune.formats import FORMATS
+    from calltune.models import ALIASES, _HUB_ID
+    from calltune.sources import SOURCES
+
+    recipe = load_recipe(path)
+    problems = []
+    if recipe.format not in FORMATS:
+        close = difflib.get_close_matches(recipe.format, FORMATS, n=1)
+        problems.append(f"format: unknown prompt format {recipe.format!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else "") + f" (choices: {', '.join(sorted(FORMATS))})")
+    if recipe.data.source not in SOURCES:
+        close = difflib.get_close_matches(recipe.data.source, SOURCES, n=1)
+        problems.append(f"data.source: unknown source {recipe.data.source!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else "") + f" (choices: {', '.join(sorted(SOURCES))})")
+    for key in ("train", "eval"):
+        value = getattr(recipe.data, key)
+        if value and not Path(value).exists() and not _HUB_ID.match(value):
+            problems.append(f"data.{key}: {value!r} is neither an existing file nor a hub dataset id")
+        elif value and Path(value).suffix and not Path(value).exists():
+            problems.append(f"data.{key}: file {value!r} not found")
+    m = recipe.model
+    if not (m in ALIASES or Path(m).exists() or (_HUB_ID.match(m) and not m.endswith(".gguf"))):
+        problems.append(f"model: {m!r} is not a built-in alias ({', '.join(ALIASES)}), an existing folder or "
+                        ".gguf file, or a hub id")
+    if problems:
+        raise RecipeError(str(path), problems)
+    return recipe

@@ -130,7 +130,7 @@ def test_xlam_parallel_calls_in_one_turn():
 def test_xlam_tool_schema_conversion():
     examples, _ = load(load_xlam, XLAM)
     product = {t.name: t for t in examples[3].tools}["product_id"].function  # id 5, real
-    assert product.description.startswith("Fetch detailed product information")
+    assert product.description.startswith("Fetches product details from the AliExpress API")
     assert product.parameters["required"] == ["is_id"]  # locale/currency/country are ', optional'
     assert product.parameters["properties"]["is_id"] == {
         "type": "integer", "description": "The ID of the product to fetch details for.", "default": "4000886597329"}
@@ -389,7 +389,7 @@ def test_hermes_missing_column_and_bad_row(tmp_path):
     examples = load_hermes(write_json(tmp_path / "h.json", [good, bad]), rejects=rejects)
     assert len(examples) == 1
     assert rejects.items[0]["row"] == 1
-    assert rejects.items[0]["reason"] == "bad turn: conversations[4] has unknown 'from' 'narrator'"
+    assert rejects.items[0]["reason"] == "bad turn: conversations[3] has unknown 'from' 'narrator'"
 
 
 # ------------------------------------------------------------------------------------------ OpenAI JSONL
@@ -436,7 +436,8 @@ def test_openai_jsonl_rejects_and_extras(tmp_path):
     assert "an assistant message needs content or tool_calls" in reasons[1]
     assert reasons[2].startswith("undeclared function: call to 'g'")
     assert reasons[3].startswith("dangling tool_call_id: messages[1] answers 'zz'")
-    assert reasons[4].startswith("not JSON:")
+    assert reasons[4].startswith("not JSON: the line does not parse")
+    assert rejects.items[-1]["data"] == "{not json"
 
 
 def test_openai_jsonl_layout_errors(tmp_path):

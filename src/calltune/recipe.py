@@ -129,10 +129,12 @@ def validate_recipe(path: str | Path) -> Recipe:
                         + (f"; did you mean {close[0]!r}?" if close else "") + f" (choices: {', '.join(sorted(SOURCES))})")
     for key in ("train", "eval"):
         value = getattr(recipe.data, key)
-        if value and not Path(value).exists() and not _HUB_ID.match(value):
-            problems.append(f"data.{key}: {value!r} is neither an existing file nor a hub dataset id")
-        elif value and Path(value).suffix and not Path(value).exists():
+        if not value or Path(value).exists():
+            continue
+        if Path(value).suffix.lower() in (".csv", ".json", ".jsonl", ".parquet"):
             problems.append(f"data.{key}: file {value!r} not found")
+        elif not _HUB_ID.match(value):
+            problems.append(f"data.{key}: {value!r} is neither an existing file nor a hub dataset id")
     m = recipe.model
     if not (m in ALIASES or Path(m).exists() or (_HUB_ID.match(m) and not m.endswith(".gguf"))):
         problems.append(f"model: {m!r} is not a built-in alias ({', '.join(ALIASES)}), an existing folder or "

@@ -22,7 +22,28 @@ Role = Literal["system", "user", "assistant", "tool"]
 
 
 class SchemaError(ValueError):
-    """A value does not fit the canonical schema; the message names the field path."""
+    """A value does not fit the canonical schema; the message names the field path.
+
+    `problems` is a list of ``(path, message)``, e.g. ``("messages[1].tool_calls[0].function.name",
+    "String should have at least 1 character")``.
+    """
+
+    def __init__(self, type_name: str, problems: list[tuple[tuple, str]]):
+        self.problems = [(_path(loc), msg) for loc, msg in problems]
+        self._raw = problems
+        super().__init__(f"{type_name}: " + "; ".join(f"{p}: {m}" for p, m in self.problems))
+
+
+def _flatten(err: ValidationError) -> list[tuple[tuple, str]]:
+    """Pydantic errors as (location, message); errors of nested models are merged into one path."""
+    out = []
+    for e in err.errors():
+        inner = (e.get("ctx") or {}).get("error")
+        if isinstance(inner, SchemaError):
+            out += [(tuple(e["loc"]) + loc, msg) for loc, msg in inner._raw]
+        else:
+            out.append((tuple(e["loc"]), e["msg"].removeprefix("Value error, ")))
+    return out
 
 
 def _path(loc: tuple) -> str:
@@ -39,8 +60,7 @@ class _Model(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            problems = "; ".join(f"{_path(e['loc'])}: {e['msg']}" for e in err.errors())
-            raise SchemaError(f"{type(self).__name__}: {problems}") from None
+            raise SchemaError(type(self).__name__, _flatten(err)) from None
 
 
 class Function(_Model):

@@ -34,6 +34,12 @@ class RowError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Reading rows
 
+class _BadLine(str):
+    """A JSONL line that did not parse: the raw line, with the parser's complaint in `error`."""
+
+    error: str = ""
+
+
 def read_rows(path_or_id: str | Path, split: str = "train") -> tuple[str, list[Any]]:
     """Read the rows of a local JSON / JSONL file with the standard library, anything else with `read_table`.
 
@@ -73,7 +79,9 @@ def read_rows(path_or_id: str | Path, split: str = "train") -> tuple[str, list[A
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                rows.append(_BadLine(f"{err.msg} at column {err.colno}"))
+                bad = _BadLine(line)
+                bad.error = f"{err.msg} at column {err.colno}"
+                rows.append(bad)
     elif isinstance(whole, list):
         rows = whole
     elif isinstance(whole, dict):
@@ -83,10 +91,6 @@ def read_rows(path_or_id: str | Path, split: str = "train") -> tuple[str, list[A
     if not rows:
         raise SourceError(where, None, None, "has no rows")
     return where, rows
-
-
-class _BadLine(str):
-    """A JSONL line that did not parse; its text is the reject reason."""
 
 
 def require_columns(where: str, rows: list[Any], required: Iterable[str]) -> None:
@@ -116,7 +120,7 @@ def convert_rows(where: str, rows: list[Any], row_to_example: Callable[[Any, str
     examples = []
     for i, row in enumerate(rows[:limit] if limit else rows):
         if isinstance(row, _BadLine):
-            rejects.add(where, i, f"not JSON: the line does not parse ({row})", str(row))
+            rejects.add(where, i, f"not JSON: the line does not parse ({row.error})", str(row))
             continue
         try:
             examples.append(row_to_example(row, where, i))

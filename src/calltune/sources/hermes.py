@@ -84,6 +84,8 @@ def hermes_tools(row: dict[str, Any], system: str | None, repairs: list[str]) ->
     the system prompt's ``<tools>`` block is read instead (JSON, else a Python literal).
     """
     raw = row.get("tools")
+    if isinstance(raw, list):  # already parsed (a hand-made file, or a hub loader that parsed it)
+        raw = json.dumps(raw)
     if raw is not None and not isinstance(raw, str):
         raise RowError(f"bad field: 'tools' must be a JSON string, got {type(raw).__name__}")
     if raw is not None and raw.strip():
@@ -157,7 +159,7 @@ def hermes_row_to_example(row: dict[str, Any], where: str, i: int) -> Example:
     turns = field(row, "conversations", list)
     repairs: list[str] = []
     system = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "system"), None)
-    tools, tools_note = hermes_tools(row, system if isinstance(system, str) else None, repairs)
+    tools, tool_note = hermes_tools(row, system if isinstance(system, str) else None, repairs)
     tools, dropped = dedupe_tools(tools)
     messages: list[Message] = []
     pending: list[ToolCall] = []
@@ -165,15 +167,15 @@ def hermes_row_to_example(row: dict[str, Any], where: str, i: int) -> Example:
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise RowError(f"bad turn: conversations[{k}] is not {{'from': ..., 'value': str}}")
-        role = _ROLES.get(turn.get("from"))
+        role = _ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
         value = turn["value"]
         if role is None:
             raise RowError(f"bad turn: conversations[{k}] has unknown 'from' {turn.get('from')!r}")
         if role == "system":
-            block = find_tools_block(value)
-            content = value if block is None else value[:block.start()].rstrip() + "\n" + value[block.end():].lstrip()
-            content = content.strip()
-            messages.append(Message(role="system", content=content))
+            tools_block = find_tools_block(value)
+            if tools_block is not None:
+                value = value[:tools_block.start()].rstrip() + "\n" + value[tools_block.end():].lstrip()
+            messages.append(Message(role="system", content=value.strip()))
         elif role == "user":
             pending = []
             messages.append(Message(role="user", content=value))
@@ -182,16 +184,17 @@ def hermes_row_to_example(row: dict[str, Any], where: str, i: int) -> Example:
             for block in _TOOL_CALL.finditer(value):
                 calls.append(_parse_call(block["body"], tools, f"call_{n_calls}", repairs))
                 n_calls += 1
-            check_declared(calls, tools, tools_note)
-            text = _strip_block(_TOOL_CALL.sub("", value)) if calls else value
+            check_declared(calls, tools, tool_note)
             pending = list(calls)
-            messages.append(Message(role="assistant", content=text or None, tool_calls=calls or None)
-                            if calls else Message(role="assistant", content=value))
+            if calls:  # text beside the <tool_call> blocks, if any, stays as content
+                text = _strip_block(_TOOL_CALL.sub("", value))
+                messages.append(Message(role="assistant", content=text or None, tool_calls=calls))
+            else:
+                messages.append(Message(role="assistant", content=value))
         else:
-            blocks = list(_TOOL_RESPONSE.finditer(value)) or None
             if not pending:
                 raise RowError(f"tool turn without a call: conversations[{k}] answers no pending <tool_call>")
-            for body in ([b["body"] for b in blocks] if blocks else [value]):
+            for body in [b["body"] for b in _TOOL_RESPONSE.finditer(value)] or [value]:
                 if not pending:
                     raise RowError(f"more tool responses than calls: conversations[{k}]")
                 content, name = _tool_content(body)
@@ -200,7 +203,8 @@ def hermes_row_to_example(row: dict[str, Any], where: str, i: int) -> Example:
                 messages.append(Message(role="tool", content=content, tool_call_id=call.id, name=call.name))
     if not messages:
         raise RowError("empty conversation: no turns")
-    meta: dict[str, Any] = {key: row[key] for key in ("id", "category", "subcategory", "task") if row.get(key) is not None}
+    meta: dict[str, Any] = {key: row[key] for key in ("id", "category", "subcategory", "task")
+                            if row.get(key) is not None}
     if repairs:
         meta["repairs"] = sorted(set(repairs))
     if dropped:

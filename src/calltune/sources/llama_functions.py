@@ -1,7 +1,9 @@
 """marclove/llama_functions as canonical `Example`s.
 
-Owns the parser of the dataset's Llama-2 chat prompts:
-``[INST] <<SYS>>\\n<<API>>\\n{instruction}\\n\\n```\\n{"functions":[...]}\\n```\\n<</API>>\\n<</SYS>>\\n\\n{user} [/INST]``,
+Owns the parser of the dataset's Llama-2 chat prompts::
+
+    [INST] <<SYS>>\\n<<API>>\\n{instruction}\\n\\n```\\n{"functions":[...]}\\n```\\n<</API>>\\n<</SYS>>\\n\\n{user} [/INST]
+
 with earlier turns as ``[INST] {user} [/INST] {answer} </s><s>[INST] ...``, and of the ``output``
 (`` {"function_call":{"name":...,"arguments":{...}}} `` or plain text, with a space on each side).
 

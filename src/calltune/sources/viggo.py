@@ -57,6 +57,8 @@ def parse_mr(text: str) -> ToolCall:
             if not body.startswith(", ", pos):
                 raise MRParseError(f"expected ', ' between attributes at character {pos} of {body!r}")
             pos += 2
+            if pos == len(body):
+                raise MRParseError(f"trailing ', ' at the end of {body!r}")
     return ToolCall.of(match["act"], arguments)
 
 

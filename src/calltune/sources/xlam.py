@@ -15,6 +15,8 @@ Decisions:
 - ``answers == "[]"`` (not known upstream; sample row 27) is kept as a no-call example: the assistant
   turn has content ``""`` (the schema needs content or calls) and ``meta["no_call"] = True``, so a
   later stage can drop it or fill in a reply.
+- A tool name declared twice keeps its first definition (the others in
+  ``meta["dropped_duplicate_tools"]``).
 - A call to a function the row's tools do not declare is rejected; argument values are not checked
   against the declared types (upstream has ``"42"`` for an ``int``; cleaning decides).
 """
@@ -26,8 +28,9 @@ from typing import Any
 
 from calltune.schema import Example, Message
 from calltune.sources.base import Rejects
-from calltune.sources.convert import (RowError, check_declared, convert_rows, field, loads_json, make_call,
-                                      make_tool, read_rows, require_columns, xlam_parameters_to_schema)
+from calltune.sources.convert import (RowError, check_declared, convert_rows, dedupe_tools, field, loads_json,
+                                      make_call, make_tool, read_rows, require_columns,
+                                      xlam_parameters_to_schema)
 
 XLAM_COLUMNS = ("query", "tools", "answers")
 
@@ -52,7 +55,7 @@ def xlam_row_to_example(row: dict[str, Any], where: str, i: int) -> Example:
     query = field(row, "query")
     if not query.strip():
         raise RowError("missing field: 'query' is empty")
-    tools = [make_tool(spec, xlam_parameters_to_schema) for spec in _json_field(row, "tools")]
+    tools, dropped = dedupe_tools([make_tool(spec, xlam_parameters_to_schema) for spec in _json_field(row, "tools")])
     calls = []
     for k, answer in enumerate(_json_field(row, "answers")):
         if not isinstance(answer, dict):
@@ -61,10 +64,9 @@ def xlam_row_to_example(row: dict[str, Any], where: str, i: int) -> Example:
             raise RowError(f"bad call: answer {k} ({answer.get('name')!r}) has no 'arguments'")
         calls.append(make_call(answer.get("name"), answer["arguments"], f"call_{k}"))
     check_declared(calls, tools)
-    names = [t.name for t in tools]
     meta: dict[str, Any] = {"id": row.get("id")}
-    if len(set(names)) < len(names):
-        meta["duplicate_tool_names"] = sorted({n for n in names if names.count(n) > 1})
+    if dropped:
+        meta["dropped_duplicate_tools"] = dropped
     if calls:
         answer_turn = Message(role="assistant", tool_calls=calls)
     else:

@@ -181,6 +181,37 @@ def resolve(model: str = typer.Argument(..., help="alias, folder, .gguf or hub i
         _fail(err)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("clean")
+def data_clean(source: str = typer.Option(..., "--source", help="dataset adapter: xlam, glaive, llama_functions, hermes, openai_jsonl"),
+               input_: str = typer.Option(..., "--input", help="file or hub id the source reads"),
+               output: Path = typer.Option(..., "--output", "-o", help="kept examples as canonical JSONL"),
+               val_output: Optional[Path] = typer.Option(None, "--val-output", help="move --val-fraction of the kept examples here"),
+               rejects: Optional[Path] = typer.Option(None, "--rejects", help="every dropped row with stage and reason (JSONL)"),
+               trailing_user: str = typer.Option("trim", "--trailing-user", help="conversations ending on a user/tool turn: keep, drop or trim"),
+               remove_no_call: bool = typer.Option(False, "--remove-no-call", help="drop examples without any tool call (seed 004's --remove-no-fc)"),
+               max_no_call_fraction: Optional[float] = typer.Option(None, "--max-no-call-fraction", help="drop no-call examples (seeded) until at most this share"),
+               coerce_types: bool = typer.Option(True, "--coerce-types/--no-coerce-types", help="repair '42' -> 42 etc. before validating"),
+               dedupe: bool = typer.Option(True, "--dedupe/--no-dedupe", help="drop repeated examples"),
+               val_fraction: float = typer.Option(0.1, "--val-fraction", help="share held out with --val-output"),
+               seed: int = typer.Option(0, "--seed", help="seed of the balance choice and the split"),
+               set_: list[str] = typer.Option([], "--set", help="any other CleanConfig field, e.g. --set reject_unknown_arguments=true")):
+    """Validate, repair and filter a tool-calling dataset into canonical JSONL (rules: calltune.sources.clean)."""
+    from calltune.sources.clean import CleanConfig, clean_command
+
+    try:
+        cfg = CleanConfig(**{**_parse_overrides(set_), "trailing_user": trailing_user, "remove_no_call": remove_no_call,
+                             "max_no_call_fraction": max_no_call_fraction, "coerce_types": coerce_types,
+                             "dedupe": dedupe, "val_fraction": val_fraction, "seed": seed})
+        report = clean_command(source, input_, output, val_output, rejects, cfg)
+    except _user_errors() as err:
+        _fail(err)
+    console.print_json(json.dumps(report))
+
+
 def main() -> None:
     app()
 

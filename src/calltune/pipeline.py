@@ -97,6 +97,33 @@ def write_report(recipe: Recipe, out: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
+def _cached_base_eval(recipe: Recipe, eval_ex, out: Path, fmt) -> dict[str, Any]:
+    """Evaluate the base model, reusing an identical earlier evaluation from ``$CALLTUNE_HOME/evals``.
+
+    The base model's outputs depend only on the model, the eval examples, the format and the
+    generation settings, so runs that share them (viggo-full and viggo-lora) pay for it once. The
+    key is a hash of those; the cached folder is copied into ``out/eval-base``.
+    """
+    import hashlib
+    import shutil
+
+    from calltune.models import calltune_home, resolve_model
+
+    settings = recipe.eval.model_dump(exclude={"base"})
+    digest = hashlib.sha256(json.dumps([resolve_model(recipe.model), fmt.name, fmt.options(), settings,
+                                        [e.to_json() for e in eval_ex]], sort_keys=True).encode()).hexdigest()[:16]
+    cache = calltune_home() / "evals" / digest
+    target = out / "eval-base"
+    if (cache / "metrics.json").exists():
+        shutil.copytree(cache, target, dirs_exist_ok=True)
+        metrics = json.loads((target / "metrics.json").read_text())
+        metrics["cached_from"] = str(cache)
+        return metrics
+    metrics = evaluate_model(recipe.model, eval_ex, target, recipe.eval, fmt=fmt)
+    shutil.copytree(target, cache, dirs_exist_ok=True)
+    return metrics
+
+
 def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Run a recipe end to end and return its summary (also in ``summary.json`` and ``report.md``)."""
     out = Path(output_dir) if output_dir else recipe.out
@@ -115,7 +142,7 @@ def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str
 
     if recipe.eval.base:
         t0 = time.perf_counter()
-        summary["eval_base"] = evaluate_model(recipe.model, eval_ex, out / "eval-base", recipe.eval, fmt=fmt)
+        summary["eval_base"] = _cached_base_eval(recipe, eval_ex, out, fmt)
         walls["evaluate base"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

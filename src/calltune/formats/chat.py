@@ -2,6 +2,8 @@
 
 Owns `render_chat`, the one place where text turns become ``(input_ids, loss_mask)``, shared by every
 prompt format for training, and `render_prompt` for inference, so training and inference can't drift.
+`render_segments` does the same for raw-text formats that bypass the chat template (xlam,
+function_call): ``[(text, trained), ...]`` -> ``(input_ids, loss_mask)`` by the same masking rule.
 
 Masking rule (assistant-only loss): a token is trained iff it lies inside an assistant turn's
 content or its end-of-turn marker (the template's text between the generation prompt and the end of
@@ -67,6 +69,12 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
         if end < 0:
             raise FormatError(f"no end-of-turn {eot!r} after assistant turn {i}")
         spans.append((len(before), end + len(eot)))
+    return _tokenize_with_spans(tokenizer, text, spans, max_length)
+
+
+def _tokenize_with_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]],
+                         max_length: int | None) -> tuple[list[int], list[int]]:
+    """Tokenize `text` (no special tokens added) and mark a token trained iff it starts inside a span."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, mask = enc["input_ids"], []
     for start, stop in enc["offset_mapping"]:
@@ -81,3 +89,33 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, A
     """Token ids of `messages` followed by the generation prompt: what the model continues at inference."""
     text = _template(tokenizer, messages, tools, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The bos token text if the tokenizer adds one by default (Llama-2 ``<s>``, Phi-3), else ``""``.
+
+    Raw-text formats render with ``add_special_tokens=False`` and put this in front themselves, so the
+    text starts the way the model saw text in pre-training; SmolLM2 adds nothing.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None or not tokenizer.bos_token:
+        return ""
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return tokenizer.bos_token if with_special[:1] == [bos] and without[:1] != [bos] else ""
+
+
+def render_segments(tokenizer: PreTrainedTokenizerBase, segments: list[tuple[str, bool]],
+                    max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """Render raw-text `segments` ``[(text, trained), ...]`` (no chat template) into ``(input_ids, loss_mask)``.
+
+    The texts are concatenated and tokenized once with offsets (special-token strings such as the eos
+    text become their special ids); a token is trained iff it starts inside a trained segment, the
+    same rule as `render_chat`. The caller includes bos/eos text where the format wants them.
+    """
+    spans, pos = [], 0
+    for text, trained in segments:
+        if trained and text:
+            spans.append((pos, pos + len(text)))
+        pos += len(text)
+    return _tokenize_with_spans(tokenizer, "".join(text for text, _ in segments), spans, max_length)

@@ -33,6 +33,28 @@ def inference_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.backends.mkldnn.is_available() else torch.float32
 
 
+def _linear_2d(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 3 and x.shape[1] == 1:
+        return torch.nn.functional.linear(x.reshape(x.shape[0], -1), self.weight, self.bias).unsqueeze(1)
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def fast_decode_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every `nn.Linear` flatten decode-step inputs of shape (B, 1, K) to (B, K).
+
+    On CPU, PyTorch runs a bf16 linear on a (B, 1, K) input about 5x slower than on the same data
+    shaped (B, K) (measured here: 3.9 ms vs 0.8 ms for B=48, K=576, N=1536), and a decode step of
+    batched generation is exactly that shape. The math is the same; the two kernels round bf16
+    partial sums differently, so greedy outputs can differ where two tokens are nearly tied.
+    """
+    import types
+
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = types.MethodType(_linear_2d, module)
+    return model
+
+
 def load_for_inference(name: str, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
     """Load `name` (alias, folder, GGUF, hub id or LoRA adapter) for generation.
 
@@ -43,7 +65,7 @@ def load_for_inference(name: str, dtype: torch.dtype | None = None, attn_impleme
     model, tokenizer, path = load_model(name, dtype=torch.float32, attn_implementation=attn_implementation)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model = model.to(dtype or inference_dtype()).eval()
+    model = fast_decode_linears(model.to(dtype or inference_dtype()).eval())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, load_format(path)
 

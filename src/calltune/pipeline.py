@@ -23,9 +23,14 @@ from calltune.recipe import Recipe
 from calltune.sources import Rejects, load_source
 from calltune.train import train
 
-METRIC_ROWS = [("function_name_accuracy", "Function Name Accuracy"), ("attribute_set_accuracy", "Attribute Set Accuracy"),
-               ("attribute_value_accuracy", "Attribute Value Accuracy"), ("overall_accuracy", "Overall Accuracy"),
-               ("exact_match", "Exact Match"), ("unparseable_rate", "Unparseable Rate")]
+METRIC_ROWS = {
+    "viggo": [("function_name_accuracy", "Function Name Accuracy"), ("attribute_set_accuracy", "Attribute Set Accuracy"),
+              ("attribute_value_accuracy", "Attribute Value Accuracy"), ("overall_accuracy", "Overall Accuracy"),
+              ("exact_match", "Exact Match"), ("unparseable_rate", "Unparseable Rate")],
+    "toolcall": [("function_name_accuracy", "Function Name Accuracy"), ("exact_call_accuracy", "Exact Call Accuracy"),
+                 ("valid_json_rate", "Valid JSON Rate"), ("schema_valid_rate", "Schema-valid Rate"),
+                 ("no_call_precision", "No-call Precision"), ("no_call_recall", "No-call Recall")],
+}
 
 
 def prepare(recipe: Recipe, out: Path):
@@ -81,8 +86,17 @@ def write_report(recipe: Recipe, out: Path, summary: dict[str, Any]) -> Path:
              f"data `{recipe.data.source}` ({summary['data']['train_examples']} train / "
              f"{summary['data']['eval_examples']} eval examples, {summary['data']['rejected_rows']} rows rejected).", "",
              "| Metric | Base | Tuned |", "| --- | ---: | ---: |"]
-    for key, label in METRIC_ROWS:
+    task = (tuned or base or {}).get("task", "viggo")
+    for key, label in METRIC_ROWS[task]:
         lines.append(f"| {label} | {_fmt(base.get(key) if base else None)} | {_fmt(tuned.get(key) if tuned else None)} |")
+    bfcl_base, bfcl_tuned = (base or {}).get("bfcl"), (tuned or {}).get("bfcl")
+    if bfcl_tuned or bfcl_base:
+        ref = bfcl_tuned or bfcl_base
+        lines += ["", f"BFCL, official AST checker (bfcl-eval {ref.get('bfcl_version')}), accuracy per category:", "",
+                  "| Category | n | Base | Tuned |", "| --- | ---: | ---: | ---: |"]
+        for cat in ref.get("accuracy", {}):
+            lines.append(f"| {cat} | {ref['total'][cat]} | {_fmt((bfcl_base or {}).get('accuracy', {}).get(cat))} | "
+                         f"{_fmt((bfcl_tuned or {}).get('accuracy', {}).get(cat))} |")
     lines += ["", "## Training", "",
               f"- optimizer steps: {t.get('steps')}, examples: {t.get('train_examples')}",
               f"- wall time: {t.get('seconds', 0):.0f} s; training tokens/s (non-padding): {t.get('tokens_per_s', 0):.0f}",

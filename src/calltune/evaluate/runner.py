@@ -1,7 +1,10 @@
 """Running an evaluation: generate for an eval split, parse, score, and write the artefacts.
 
-Owns `EvalConfig` (the `eval:` section of a recipe) and `evaluate_model`, which writes into its
-output folder: ``predictions.jsonl`` (one line per example: input, reference, raw output, parsed
+Owns `EvalConfig` (the `eval:` section of a recipe) and `evaluate_model`. The metrics follow the
+task: the `viggo` format is scored with the Levanter tutorial's ViGGO metrics
+(`calltune.evaluate.metrics`), every other format with the tool-calling metrics
+(`calltune.evaluate.toolcall_metrics`); examples loaded from BFCL are also scored per category by
+BFCL's official AST checker (`calltune.evaluate.bfcl_checker`). It writes into its output folder: ``predictions.jsonl`` (one line per example: input, reference, raw output, parsed
 calls, scores), ``metrics.json`` (metrics, timing, model and format) and ``confusion.png`` (a
 function-name confusion matrix: reference rows, predicted columns).
 """
@@ -15,12 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from calltune.evaluate.metrics import single_call, viggo_metrics
+from calltune.evaluate.metrics import viggo_metrics
+from calltune.evaluate.toolcall_metrics import toolcall_metrics
 from calltune.formats import PromptFormat
 from calltune.infer import generate, load_for_inference
 from calltune.schema import Example
 
-NO_CALL = "(unparseable)"
+UNPARSEABLE = "(unparseable)"
+NO_CALL = "(no call)"
 
 
 class EvalConfig(BaseModel):
@@ -36,8 +41,29 @@ class EvalConfig(BaseModel):
 def _reference(example: Example):
     final = example.final_assistant()
     if final is None or not final.tool_calls:
-        raise ValueError(f"{example.where}: an eval example needs a final assistant turn with a call")
+        raise ValueError(f"{example.where}: a ViGGO eval example needs a final assistant turn with a call")
     return final.tool_calls[0]
+
+
+def _first_name(parsed) -> str:
+    if parsed.error is not None:
+        return UNPARSEABLE
+    return parsed.tool_calls[0].name if parsed.tool_calls else NO_CALL
+
+
+def score(fmt: PromptFormat, examples: list[Example], parsed: list) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics and per-example records for `parsed` outputs, by task (see the module docstring)."""
+    if fmt.name == "viggo":
+        return viggo_metrics(parsed, [_reference(e) for e in examples])
+    metrics, records = toolcall_metrics(parsed, examples)
+    if examples and all("bfcl" in e.meta for e in examples):
+        from calltune.evaluate.bfcl_checker import score_bfcl
+
+        bfcl = score_bfcl(examples, [p.tool_calls if p.error is None else None for p in parsed])
+        metrics["bfcl"] = {k: v for k, v in bfcl.items() if k != "results"}
+        for record, result in zip(records, bfcl.get("results", [])):
+            record["bfcl"] = result
+    return metrics, records
 
 
 def confusion_png(pairs: list[tuple[str, str]], path: Path, title: str) -> Path:
@@ -70,11 +96,12 @@ def confusion_png(pairs: list[tuple[str, str]], path: Path, title: str) -> Path:
 
 def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path, cfg: EvalConfig | None = None,
                    fmt: PromptFormat | None = None, loaded: tuple | None = None) -> dict[str, Any]:
-    """Generate for `examples` with `model_name`, score with the ViGGO metrics, write the artefacts.
+    """Generate for `examples` with `model_name`, score them (see `score`), write the artefacts.
 
     Args:
         model_name: anything `calltune.models.resolve_model` accepts, or a LoRA adapter folder.
-        examples: eval examples whose final assistant turn holds the reference call.
+        examples: eval examples; the final assistant turn is the reference, and the prompt is
+            everything before it.
         out_dir: where predictions.jsonl, metrics.json and confusion.png go.
         fmt: the prompt format; the format saved with the model wins when there is one (a base model
             has none, so the recipe's format renders its prompts).
@@ -95,26 +122,27 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     fmt = saved or fmt
     if fmt is None:
         raise ValueError(f"{model_name} has no saved prompt format; pass one (e.g. --format viggo)")
-    refs = [_reference(e) for e in examples]
     prompts = [fmt.prompt(e, tokenizer) for e in examples]
     start = time.perf_counter()
     generations = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                            batch_size=cfg.batch_size, progress=True)
     seconds = time.perf_counter() - start
     parsed = [fmt.parse(g.text) for g in generations]
-    metrics, per_example = viggo_metrics(parsed, refs)
+    metrics, per_example = score(fmt, examples, parsed)
     new_tokens = sum(g.completion_tokens for g in generations)
-    metrics.update({"model": str(model_name), "format": fmt.name, "eval_seconds": round(seconds, 2),
+    metrics.update({"task": "viggo" if fmt.name == "viggo" else "toolcall", "model": str(model_name), "format": fmt.name, "eval_seconds": round(seconds, 2),
                     "generated_tokens": new_tokens, "generated_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)})
     pairs = []
     with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for ex, ref, gen, p, scores in zip(examples, refs, generations, parsed, per_example):
-            call = single_call(p)
-            pairs.append((ref.name, call.name if call else NO_CALL))
+        for ex, gen, p, scores in zip(examples, generations, parsed, per_example):
+            final = ex.final_assistant()
+            ref_calls = (final.tool_calls or []) if final else []
+            pairs.append((ref_calls[0].name if ref_calls else NO_CALL, _first_name(p)))
             f.write(json.dumps({
                 "source": ex.source, "row": ex.row,
                 "input": next((m.content for m in reversed(ex.messages) if m.role == "user"), None),
-                "reference": {"name": ref.name, "arguments": ref.arguments},
+                "reference": [{"name": c.name, "arguments": c.arguments} for c in ref_calls] or
+                             (final.content if final else None),
                 "output": gen.text, "finish_reason": gen.finish_reason,
                 "parsed": [{"name": c.name, "arguments": c.arguments} for c in p.tool_calls],
                 "parse_error": p.error, "scores": scores,

@@ -13,7 +13,7 @@ the first end-of-turn string after it). System, user and tool turns, the generat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -106,16 +106,30 @@ def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def render_segments(tokenizer: PreTrainedTokenizerBase, segments: list[tuple[str, bool]],
-                    max_length: int | None = None) -> tuple[list[int], list[int]]:
+                    max_length: int | None = None, cuts: Iterable[int] = ()) -> tuple[list[int], list[int]]:
     """Render raw-text `segments` ``[(text, trained), ...]`` (no chat template) into ``(input_ids, loss_mask)``.
 
-    The texts are concatenated and tokenized once with offsets (special-token strings such as the eos
+    The texts are concatenated and tokenized with offsets (special-token strings such as the eos
     text become their special ids); a token is trained iff it starts inside a trained segment, the
     same rule as `render_chat`. The caller includes bos/eos text where the format wants them.
+
+    `cuts`: indices of segments before which tokenization restarts (the text is tokenized in pieces
+    split there). A format cuts where its prompt ends, so that ``prompt`` ids (the text up to the cut,
+    tokenized alone, as at inference) are exactly a prefix of the training ids even when a token
+    would otherwise merge across the boundary (SmolLM2 merges ``></`` in ``<calls></calls>``).
     """
-    spans, pos = [], 0
-    for text, trained in segments:
-        if trained and text:
-            spans.append((pos, pos + len(text)))
-        pos += len(text)
-    return _tokenize_with_spans(tokenizer, "".join(text for text, _ in segments), spans, max_length)
+    bounds = sorted({0, len(segments), *(c for c in cuts if 0 < c < len(segments))})
+    ids: list[int] = []
+    mask: list[int] = []
+    for start, stop in zip(bounds, bounds[1:]):
+        piece, spans, pos = segments[start:stop], [], 0
+        for text, trained in piece:
+            if trained and text:
+                spans.append((pos, pos + len(text)))
+            pos += len(text)
+        piece_ids, piece_mask = _tokenize_with_spans(tokenizer, "".join(t for t, _ in piece), spans, None)
+        ids += piece_ids
+        mask += piece_mask
+    if max_length is not None:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return ids, mask

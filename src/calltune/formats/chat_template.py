@@ -128,12 +128,15 @@ class ChatTemplateFormat(PromptFormat):
             raise FormatError(f"{example.where}: the chat template refused the conversation: {err}") from None
 
     def parse(self, text: str) -> Parsed:
-        stripped = text.strip()
-        parsed = parse_tool_call_blocks(stripped, argument_keys=ARGUMENT_KEYS)
+        parsed = parse_tool_call_blocks(text, argument_keys=ARGUMENT_KEYS)
         if parsed is not None:
             return parsed
+        stripped = text.strip()
         for prefix in _PREFIXES:
             stripped = stripped.removeprefix(prefix).lstrip()
         if stripped.startswith(("{", "[")):
-            return _parse_bare_json(stripped)
+            parsed = _parse_bare_json(stripped)
+            if parsed.error:
+                parsed.content = text
+            return parsed
         return Parsed(content=stripped or None)

@@ -1,13 +1,16 @@
-"""The llama_functions layout of seed 003 (marclove/llama_functions, Scale LLM Engine tutorial), raw text::
+"""The llama_functions layout of seed 003 (marclove/llama_functions, Scale LLM Engine tutorial), raw text
+(one string, wrapped here)::
 
-    {bos}[INST] <<SYS>>\\n<<API>>\\n{instruction}\\n\\n```\\n{"functions":[...]}\\n```\\n<</API>>\\n<</SYS>>\\n\\n{user} [/INST]
+    {bos}[INST] <<SYS>>\\n<<API>>\\n{instruction}\\n\\n```\\n{"functions":[...]}\\n```\\n<</API>>\\n<</SYS>>
+    \\n\\n{user} [/INST]
      {"function_call":{"name":"f","arguments":{...}}} {eos}
 
 An answer is `` {"function_call":{...}} `` (compact JSON, a space on each side, as the dataset has it)
 or `` {text} ``, then the eos token; only the answers and their eos are trained. Later turns follow
 as ``{bos}[INST] {user} [/INST] {answer} {eos}`` (the dataset's ``</s><s>[INST] ...``; bos only when
 the tokenizer adds one by default, so SmolLM2 gets ``...<|im_end|>[INST] ...``). The chat template is
-not used.
+not used; tokenization restarts at each answer, where a prompt ends, so prompt ids are a prefix of
+the training ids.
 
 - The ``<<API>>`` block appears when the example has tools; its instruction is the example's system
   text, else the dataset's fixed instruction (`INSTRUCTION`, typo kept: it is what the data shows).
@@ -68,8 +71,9 @@ class FunctionCallFormat(PromptFormat):
         return f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
 
     def segments(self, example: Example, tokenizer: PreTrainedTokenizerBase,
-                 train_on: str = "all") -> list[tuple[str, bool]]:
-        """The conversation as ``[(text, trained), ...]``; ends with ``[/INST]`` if the last turn isn't an answer."""
+                 train_on: str = "all") -> tuple[list[tuple[str, bool]], list[int]]:
+        """The conversation as ``[(text, trained), ...]`` (ending with ``[/INST]`` if the last turn isn't an
+        answer), and the indices of the answer segments, where tokenization restarts (see `render_segments`)."""
         messages = example.messages
         system = messages[0].content if messages and messages[0].role == "system" else None
         body = messages[1:] if system is not None else messages
@@ -78,6 +82,7 @@ class FunctionCallFormat(PromptFormat):
         last_answer = max((k for k, m in enumerate(body) if m.role == "assistant"), default=-1)
         bos, eos = bos_prefix(tokenizer), end_of_turn(tokenizer)
         segments: list[tuple[str, bool]] = []
+        cuts: list[int] = []
         pending: list[str] = []  # user/tool texts of the [INST] being built
         first = True
 
@@ -91,7 +96,8 @@ class FunctionCallFormat(PromptFormat):
         for k, m in enumerate(body):
             turn = f"turn {k + offset} ({m.role})"
             if m.role == "system":
-                raise FormatError(f"{example.where}: {turn}: the function_call format has one system text, at the start")
+                raise FormatError(f"{example.where}: {turn}: the function_call format has one system text, "
+                                  "at the start")
             if m.role == "assistant":
                 if not pending:
                     raise FormatError(f"{example.where}: {turn}: an answer must follow a user or tool turn")
@@ -100,6 +106,7 @@ class FunctionCallFormat(PromptFormat):
                     answer = self.assistant_text(m)
                 except FormatError as err:
                     raise FormatError(f"{example.where}: {turn}: {err}") from None
+                cuts.append(len(segments))
                 segments.append((answer + eos, train_on == "all" or k == last_answer))
             elif m.role == "tool":
                 payload = {"name": names.get(k + offset)} if names.get(k + offset) else {}
@@ -109,19 +116,20 @@ class FunctionCallFormat(PromptFormat):
                 pending.append((m.content or "").strip())
         if pending:
             close_inst()
-        return segments
+        return segments, cuts
 
     def render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
                train_on: str = "all") -> tuple[list[int], list[int]]:
-        return render_segments(tokenizer, self.segments(example, tokenizer, train_on), max_length=max_length)
+        segments, cuts = self.segments(example, tokenizer, train_on)
+        return render_segments(tokenizer, segments, max_length=max_length, cuts=cuts)
 
     def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         messages = list(example.messages)
         if messages and messages[-1].role == "assistant":
             messages = messages[:-1]
         context = example.model_copy(update={"messages": messages})
-        text = "".join(text for text, _ in self.segments(context, tokenizer))
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        segments, cuts = self.segments(context, tokenizer)
+        return render_segments(tokenizer, segments, cuts=cuts)[0]
 
     def parse(self, text: str) -> Parsed:
         stripped = text.strip()

@@ -8,7 +8,7 @@ itself:
   ``<tools>\\n...\\n</tools>`` (after the example's own system text, if any; no system turn is added
   when the example has no tools);
 - **calls**: each call is a block ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``;
-  parallel calls are several blocks joined by ``\\n``; text content, if any, comes before them;
+  parallel calls are several blocks joined by ``\\n``; text content (stripped), if any, comes before them;
 - **tool results**: consecutive ``tool`` messages become ONE ``tool`` turn of blocks
   ``<tool_response>\\n{"name": ..., "content": ...}\\n</tool_response>`` joined by ``\\n`` (as in
   hermes-function-calling-v1); ``content`` is the result's JSON object/array when the text is one,

@@ -17,7 +17,7 @@ The seed's three design points, as its repository implements them (``solution_de
   (consecutive ``tool`` messages are merged); a result is its JSON object/array when the text is one,
   else the text.
 
-`parse`: a completion without ``"tool_uses"`` is a plain answer. Otherwise the JSON object around it
+`parse`: a completion that never mentions ``tool_uses`` is a plain answer. Otherwise the JSON object around it
 is read (fence optional, a missing closing fence is fine); it must be ``{"tool_uses": [...]}`` with a
 non-empty list of ``{"recipient_name": str, "parameters": object}``, else the result is an error.
 The ``functions.`` namespace is removed from names (a name without it is accepted as is). Text
@@ -88,7 +88,7 @@ class ToolUsesFormat(PromptFormat):
         return out, None
 
     def parse(self, text: str) -> Parsed:
-        key = text.find('"tool_uses"')
+        key = text.find("tool_uses")  # unquoted too: a Python-literal attempt is an error, not plain text
         if key < 0:
             return Parsed(content=text.strip() or None)
         start = text.rfind("{", 0, key)
@@ -105,7 +105,8 @@ class ToolUsesFormat(PromptFormat):
                 raise CallError(f"'tool_uses' must be a non-empty list: {snippet(text[start:end])}")
             calls = []
             for k, use in enumerate(uses):
-                call = call_from_object(use, f"tool_uses[{k}]", name_key="recipient_name", argument_keys=("parameters",))
+                call = call_from_object(use, f"tool_uses[{k}]", name_key="recipient_name",
+                                        argument_keys=("parameters",))
                 calls.append(ToolCall.of(call.name.removeprefix(NAMESPACE) or call.name, call.arguments))
         except CallError as err:
             return Parsed(content=text, error=str(err))

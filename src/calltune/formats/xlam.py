@@ -4,7 +4,8 @@
 
 (a bos token in front when the tokenizer adds one by default). Only ``<calls>...</calls>`` and the
 eos are trained; `prompt` is everything up to and including ``<calls>``, so a completion is
-``{call}\\n{call}</calls>``. A no-call answer (xLAM's ``answers == "[]"``) is ``<calls></calls>``.
+``{call}\\n{call}</calls>``. Tokenization restarts after ``<calls>`` so the prompt ids are exactly a
+prefix of the training ids. A no-call answer (xLAM's ``answers == "[]"``) is ``<calls></calls>``.
 
 Tools are ``{"name", "description", "parameters"}`` with the canonical JSON-Schema parameters (not
 xLAM's flat map), calls ``{"name", "arguments"}``, each written with `json.dumps`. The seed wrote
@@ -58,12 +59,13 @@ class XlamFormat(PromptFormat):
             answer = self.assistant_text(example.messages[1])
         except FormatError as err:
             raise FormatError(f"{example.where}: {err}") from None
-        segments = [(bos_prefix(tokenizer) + context, False), (answer + end_of_turn(tokenizer), True)]
-        return render_segments(tokenizer, segments, max_length=max_length)
+        # tokenization restarts after <calls>, where the prompt ends (see render_segments)
+        segments = [(bos_prefix(tokenizer) + context, False), (OPEN, True),
+                     (answer.removeprefix(OPEN) + end_of_turn(tokenizer), True)]
+        return render_segments(tokenizer, segments, max_length=max_length, cuts=[2])
 
     def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        text = bos_prefix(tokenizer) + self._context(example) + OPEN
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return render_segments(tokenizer, [(bos_prefix(tokenizer) + self._context(example), False), (OPEN, True)])[0]
 
     def parse(self, text: str) -> Parsed:
         """``[<calls>]{call}\\n{call}[</calls>]`` -> calls; text after ``</calls>`` is ignored."""

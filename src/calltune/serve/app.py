@@ -1,0 +1,203 @@
+"""The HTTP server: OpenAI-compatible ``POST /v1/chat/completions`` and ``GET /v1/models`` (FastAPI).
+
+Owns `create_app` (the app for a set of models) and `run` (uvicorn). Requests are validated by
+`calltune.serve.protocol`, rendered and parsed by each model's saved prompt format through
+`calltune.serve.engine`, and generated one at a time under the registry's lock.
+
+Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a
+request that does not validate (including malformed JSON), 401 without the API key, 404 for an
+unknown model or route, 500 (message only, the traceback goes to the server log) for a bug.
+
+Streaming (``stream: true``) sends server-sent events: a first chunk with the role, content deltas as
+the model writes them, then each tool call (index, id, name, then its arguments) once the turn is
+complete and parsed, a chunk with the finish reason, an optional usage chunk
+(``stream_options.include_usage``) and ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any, Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from calltune.infer import constrained as cd
+from calltune.serve import engine
+from calltune.serve.protocol import (ChatCompletion, ChatCompletionRequest, Choice, ModelCard, ModelList,
+                                     RequestError, ResponseMessage, Usage, call_to_wire, error_body, new_id,
+                                     to_example)
+from calltune.serve.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    """The first validation problem as ``(message, param)``, e.g. ``("messages.0.role: ...", "messages.0.role")``."""
+    problems = err.errors()
+    if not problems:
+        return "invalid request", None
+    first = problems[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})", None
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return (f"{param}: {msg}" if param else msg) + more, param
+
+
+def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = None, constrained: bool = True,
+               default_max_tokens: int = 512) -> FastAPI:
+    """The server app for `models` (``{name: model}`` or a loaded `ModelRegistry`).
+
+    Args:
+        api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
+        constrained: constrain tool calls to the offered tools and their schemas (llguidance); a
+            request may override it with ``"constrained": false``.
+        default_max_tokens: completion length when a request gives no ``max_tokens``.
+    """
+    registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models)
+    if constrained and not cd.available():
+        log.warning("llguidance is not installed: serving without constrained decoding "
+                    "(pip install 'calltune[serve]')")
+        constrained = False
+    app = FastAPI(title="calltune", version="1")
+    app.state.registry = registry
+    app.state.constrained = constrained
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return JSONResponse(error_body("Incorrect or missing API key: send `Authorization: Bearer <key>` "
+                                               "with the key the server was started with.",
+                                               code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, err: RequestValidationError):
+        message, param = _validation_message(err)
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, err: RequestError):
+        return JSONResponse(error_body(err.message, type=err.type, param=err.param, code=err.code),
+                            status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(err.detail), type=kind), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, err: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal server error ({type(err).__name__})", type="server_error"),
+                            status_code=500)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "models": registry.names()}
+
+    @app.get("/v1/models")
+    def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name) for name in registry.names()])
+
+    @app.get("/v1/models/{name:path}")
+    def get_model(name: str) -> ModelCard:
+        _served(name)
+        return ModelCard(id=name)
+
+    def _served(name: str):
+        served = registry.get(name)
+        if served is None:
+            raise RequestError(f"The model `{name}` does not exist. Models served: {', '.join(registry.names())}",
+                               param="model", status=404, code="model_not_found")
+        return served
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatCompletionRequest):
+        served = _served(body.model)
+        example = to_example(body)
+        params = _params(body, default_max_tokens, app.state.constrained)
+        cid, created = new_id("chatcmpl-"), int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = engine.stream_complete(registry, served, example, params)
+            next(events)  # ("start", None); request errors surface here, before the 200 is sent
+            return StreamingResponse(_sse(cid, created, body.model, events, include_usage),
+                                     media_type="text/event-stream")
+        done = engine.complete(registry, served, example, params)
+        message = done.message
+        return ChatCompletion(
+            id=cid, created=created, model=body.model,
+            choices=[Choice(message=ResponseMessage(content=message.content if message.content or not message.tool_calls else None,
+                                                    tool_calls=[call_to_wire(c) for c in message.tool_calls or []] or None),
+                            finish_reason=done.finish_reason)],
+            usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                        total_tokens=done.prompt_tokens + done.completion_tokens))
+
+    return app
+
+
+def _params(body: ChatCompletionRequest, default_max_tokens: int, constrained: bool) -> engine.Params:
+    schema = None
+    if body.response_format is not None and body.response_format.type == "json_object":
+        schema = {"type": "object"}
+    elif body.response_format is not None and body.response_format.type == "json_schema":
+        if body.response_format.json_schema is None:
+            raise RequestError("response_format json_schema needs json_schema.schema", param="response_format")
+        schema = body.response_format.json_schema.schema_ or {"type": "object"}
+    return engine.Params(
+        tool_choice=body.choice,
+        function=body.tool_choice.function.name if body.choice == "function" else None,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
+        temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, stop=body.stop_list, seed=body.seed,
+        constrained=constrained if body.constrained is None else body.constrained and cd.available(),
+        json_schema=schema)
+
+
+def _sse(cid: str, created: int, model: str, events: Iterator, include_usage: bool) -> Iterator[str]:
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": "calltune",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        for kind, value in events:
+            if kind == "content":
+                yield chunk({"content": value})
+                continue
+            done: engine.Completion = value
+            for i, call in enumerate(done.message.tool_calls or []):
+                yield chunk({"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                             "function": {"name": call.name, "arguments": ""}}]})
+                yield chunk({"tool_calls": [{"index": i, "function": {"arguments": call_to_wire(call)["function"]["arguments"]}}]})
+            yield chunk({}, done.finish_reason)
+            if include_usage:
+                usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                         "total_tokens": done.prompt_tokens + done.completion_tokens}
+                yield f"data: {json.dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': usage})}\n\n"
+    except Exception as err:  # the 200 is already sent: report in-stream, OpenAI style
+        log.exception("error while streaming")
+        yield f"data: {json.dumps(error_body(f'internal server error ({type(err).__name__})', type='server_error'))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def run(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+        constrained: bool = True, default_max_tokens: int = 512) -> None:
+    """Load `models` and serve them with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(models, api_key=api_key, constrained=constrained, default_max_tokens=default_max_tokens)
+    uvicorn.run(app, host=host, port=port, log_level="info")

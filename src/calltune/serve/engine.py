@@ -1,0 +1,204 @@
+"""One chat completion, from a canonical `Example` to an assistant `Message` with structured tool calls.
+
+Owns the serving logic shared by the HTTP server and `calltune chat`: which tools the prompt offers
+and which grammar constrains the output for a `tool_choice` (`plan`), generation under the registry's
+lock (`complete`), parsing with the model's own prompt format (the one it was trained with), and
+streaming (`stream_complete`: content deltas as the model writes them, tool calls once parsed).
+
+tool_choice:
+- ``none``: the prompt offers no tools and the output is not parsed for calls;
+- ``auto``: tools offered; the model answers in text or calls (constrained: calls must be well formed);
+- ``required``: at least one call (constrained: the output is call blocks from the first token);
+- a named function: exactly like required, with that function the only one allowed.
+Without constrained decoding ``required`` and named choices can only be hoped for: the output is
+parsed as in ``auto``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from calltune.infer import constrained as cd
+from calltune.schema import Example, Message, ToolCall
+from calltune.serve.registry import ModelRegistry, ServedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Params:
+    """How to complete one request (the OpenAI request fields, defaults applied)."""
+
+    tool_choice: str = "auto"  # none, auto, required, function
+    function: str | None = None  # the function a named tool_choice forces
+    parallel_tool_calls: bool = True
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    constrained: bool = True
+    json_schema: dict[str, Any] | None = None  # response_format json_object / json_schema
+
+
+@dataclass
+class Completion:
+    """The assistant turn (tool calls carry ``call_...`` ids), why it ended, and token counts."""
+
+    message: Message
+    finish_reason: str  # stop, length or tool_calls
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # the raw completion
+    constrained: bool
+
+
+@dataclass
+class Plan:
+    prompt: list[int]
+    grammar: str | None
+    parse_calls: bool
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def plan(served: ServedModel, example: Example, params: Params) -> Plan:
+    """The prompt ids, the grammar (or None) and whether to parse calls, for `params.tool_choice`."""
+    offer = bool(example.tools) and params.tool_choice != "none"
+    shown = example if offer else example.model_copy(update={"tools": []})
+    prompt = served.fmt.prompt(shown, served.tokenizer)
+    grammar = None
+    if offer and params.constrained and cd.supports(served.fmt):
+        tools = example.tools
+        if params.tool_choice == "function":
+            tools = [t for t in tools if t.name == params.function]
+        mode = "auto" if params.tool_choice == "auto" else "required"
+        grammar = cd.tool_call_grammar(served.fmt, tools, mode, params.parallel_tool_calls)
+        cd.compile_grammar(served.tokenizer, grammar)  # fail here, not inside generate
+    elif offer and params.constrained:
+        log.warning("%s: constrained decoding does not know format %r; generating unconstrained",
+                    served.name, served.fmt.name)
+    elif not offer and params.json_schema is not None and params.constrained:
+        grammar = cd.json_grammar(params.json_schema)
+    return Plan(prompt=prompt, grammar=grammar, parse_calls=offer)
+
+
+def finish(served: ServedModel, plan_: Plan, text: str, finish_reason: str, prompt_tokens: int,
+           completion_tokens: int) -> Completion:
+    """Parse a completion into an assistant message (calls get ids) and its finish reason."""
+    calls: list[ToolCall] = []
+    content: str | None = text.strip() or None
+    if plan_.parse_calls:
+        parsed = served.fmt.parse(text)
+        if parsed.error:
+            log.info("%s: unparseable call (%s); returned as text", served.name, parsed.error)
+        else:
+            calls = [ToolCall.of(c.name, c.arguments, id=new_call_id()) for c in parsed.tool_calls]
+            content = (parsed.content or "").strip() or None
+    message = Message(role="assistant", content=content if (content or calls) else "", tool_calls=calls or None)
+    return Completion(message=message, finish_reason="tool_calls" if calls else finish_reason,
+                      prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, text=text,
+                      constrained=plan_.grammar is not None)
+
+
+def complete(registry: ModelRegistry, served: ServedModel, example: Example, params: Params,
+             streamer=None) -> Completion:
+    """Generate one assistant turn for `example` (its messages end on a user or tool turn)."""
+    plan_ = plan(served, example, params)
+    with registry.use(served):
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        gen = cd.generate_constrained(served.model, served.tokenizer, [plan_.prompt], [plan_.grammar],
+                                      max_new_tokens=params.max_tokens, temperature=params.temperature,
+                                      top_p=params.top_p, stop=params.stop, streamer=streamer)[0]
+    return finish(served, plan_, gen.text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
+
+
+class ContentSplitter:
+    """Turn streamed text into content deltas, holding back what may become a tool call.
+
+    With `parse_calls`, everything from ``<tool_call>`` on is withheld (the calls are sent parsed
+    at the end), and so is a trailing piece that could be the start of ``<tool_call>``. Leading and
+    trailing whitespace is withheld too, so the deltas add up to the non-streamed ``content``.
+    """
+
+    OPEN = "<tool_call>"
+
+    def __init__(self, parse_calls: bool):
+        self.parse_calls = parse_calls
+        self.text = ""
+        self.sent = 0  # characters of self.text already sent (after the leading whitespace)
+        self.lead = 0
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        if not self.sent:
+            self.lead = len(self.text) - len(self.text.lstrip())
+        safe = len(self.text.rstrip())
+        if self.parse_calls:
+            at = self.text.find(self.OPEN)
+            if at >= 0:
+                safe = min(safe, len(self.text[:at].rstrip()))
+            else:
+                for k in range(len(self.OPEN) - 1, 0, -1):
+                    if self.text.endswith(self.OPEN[:k]):
+                        safe = min(safe, len(self.text) - k)
+                        break
+        start = max(self.sent, self.lead)
+        if safe <= start:
+            return ""
+        self.sent = safe
+        return self.text[start:safe]
+
+    def rest(self, content: str | None) -> str:
+        """What is left to send once the final `content` is known."""
+        sent = self.text[self.lead:self.sent] if self.sent else ""
+        content = content or ""
+        return content[len(sent):] if content.startswith(sent) else ""
+
+
+def stream_complete(registry: ModelRegistry, served: ServedModel, example: Example,
+                    params: Params) -> Iterator[tuple[str, Any]]:
+    """Yield ``("start", None)`` once the request is accepted, ``("content", delta)`` while the model
+    writes, then ``("done", Completion)``.
+
+    Generation runs in a thread feeding a `TextIteratorStreamer`; content reaches the client as it
+    is generated, tool calls when the turn is complete (they are parsed from the whole text).
+    """
+    from transformers import TextIteratorStreamer
+
+    plan(served, example, params)  # raise request errors before the stream starts
+    yield "start", None
+    streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    box: dict[str, Any] = {}
+
+    def work():
+        try:
+            box["completion"] = complete(registry, served, example, params, streamer=streamer)
+        except BaseException as err:  # re-raised in the consumer
+            box["error"] = err
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    splitter = ContentSplitter(parse_calls=bool(example.tools) and params.tool_choice != "none")
+    for piece in streamer:
+        delta = splitter.feed(piece)
+        if delta:
+            yield "content", delta
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    completion: Completion = box["completion"]
+    rest = splitter.rest(completion.message.content)
+    if rest:
+        yield "content", rest
+    yield "done", completion

@@ -1,0 +1,108 @@
+"""The models a server holds: each loaded once, LoRA adapters sharing their base's weights.
+
+Owns `ModelRegistry`, built from ``{served name: model}`` (alias, folder, LoRA adapter folder, .gguf
+or hub id; see `calltune.models.resolve_model`). Every base is loaded once; the adapters on it are
+attached with PEFT (`PeftModel.from_pretrained`, then `load_adapter` for the rest) and picked per
+request with `set_adapter` (the base itself through `disable_adapter`). A base with exactly one
+adapter and no other user is merged in memory instead, which generates faster. Weights are cast to
+the inference dtype (bf16 where the CPU has it, as in `calltune.infer.generate.load_for_inference`).
+
+Generation mutates shared state (the active adapter, the KV cache buffers), so requests take
+`registry.lock` around it (`registry.use(served)`): one generation at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from calltune.formats import PromptFormat, get_format, load_format
+from calltune.infer.generate import fast_decode_linears, inference_dtype
+from calltune.models import is_adapter, load_model, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One name the server answers to: the (possibly shared) model, its tokenizer and prompt format.
+
+    `adapter` is the PEFT adapter name to activate, or None; `base_of_adapters` is True for a base
+    model that also carries adapters (they are disabled while it generates).
+    """
+
+    name: str
+    path: str
+    model: Any
+    tokenizer: Any
+    fmt: PromptFormat
+    adapter: str | None = None
+    base_of_adapters: bool = False
+    format_saved: bool = True
+
+
+def _adapter_base(path: str) -> str:
+    return resolve_model(json.loads(Path(path, "adapter_config.json").read_text())["base_model_name_or_path"])
+
+
+class ModelRegistry:
+    """Load `models` (``{name: model}``) once; look them up by name; serialise generation."""
+
+    def __init__(self, models: dict[str, str], dtype: torch.dtype | None = None):
+        if not models:
+            raise ValueError("give at least one model to serve (--model NAME=PATH)")
+        self.lock = threading.Lock()
+        self.models: dict[str, ServedModel] = {}
+        dtype = dtype or inference_dtype()
+        resolved = {name: resolve_model(path) for name, path in models.items()}
+        groups: dict[str, list[str]] = {}  # base folder -> served names using it (adapters and the base itself)
+        for name, path in resolved.items():
+            groups.setdefault(_adapter_base(path) if is_adapter(path) else path, []).append(name)
+        for base, names in groups.items():
+            adapters = [n for n in names if is_adapter(resolved[n])]
+            plain = [n for n in names if n not in adapters]
+            model, base_tokenizer, _ = load_model(base, dtype=torch.float32, attn_implementation="sdpa")
+            if adapters:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, resolved[adapters[0]], adapter_name=adapters[0])
+                for name in adapters[1:]:
+                    model.load_adapter(resolved[name], adapter_name=name)
+                if len(adapters) == 1 and not plain:
+                    model = model.merge_and_unload()
+                    log.info("merged the only adapter on %s (%s) in memory", base, adapters[0])
+            model = fast_decode_linears(model.to(dtype).eval())
+            model.generation_config.pad_token_id = base_tokenizer.pad_token_id
+            merged = adapters and not hasattr(model, "set_adapter")
+            for name in names:
+                path = resolved[name]
+                tokenizer = load_tokenizer(path) if Path(path, "tokenizer_config.json").exists() else base_tokenizer
+                fmt = load_format(path)
+                self.models[name] = ServedModel(
+                    name=name, path=path, model=model, tokenizer=tokenizer, fmt=fmt or get_format("hermes"),
+                    adapter=None if merged or name not in adapters else name,
+                    base_of_adapters=bool(adapters) and not merged and name in plain, format_saved=fmt is not None)
+                if fmt is None:
+                    log.warning("%s (%s) has no saved prompt format; using hermes", name, path)
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def get(self, name: str) -> ServedModel | None:
+        return self.models.get(name)
+
+    @contextmanager
+    def use(self, served: ServedModel) -> Iterator[ServedModel]:
+        """Hold the inference lock with `served`'s adapter active (or all adapters off for a base)."""
+        with self.lock:
+            if served.adapter is not None:
+                served.model.set_adapter(served.adapter)
+            with served.model.disable_adapter() if served.base_of_adapters else nullcontext():
+                yield served

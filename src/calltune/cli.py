@@ -86,8 +86,7 @@ def train(recipe: Path = typer.Argument(..., help="recipe YAML"),
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="model folder (default runs/<name>/model)"),
           set_: list[str] = typer.Option([], "--set", help="override a recipe key")):
     """Train only (no evaluation): saves the model or adapter with its prompt format."""
-    from calltune.formats import get_format
-    from calltune.pipeline import prepare
+    from calltune.pipeline import prepare, recipe_format
     from calltune.recipe import load_recipe
     from calltune.train import train as run_train
 
@@ -95,7 +94,7 @@ def train(recipe: Path = typer.Argument(..., help="recipe YAML"),
         r = load_recipe(recipe, _parse_overrides(set_))
         out = Path(output) if output else r.out / "model"
         train_ex, _, counts, rejects = prepare(r, out.parent)
-        result = run_train(r.model, train_ex, get_format(r.format), r.train, out, rejects=rejects)
+        result = run_train(r.model, train_ex, recipe_format(r), r.train, out, rejects=rejects)
         rejects.write()
     except _user_errors() as err:
         _fail(err)
@@ -156,9 +155,9 @@ def show(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
     try:
         r = load_recipe(recipe)
-        examples = load_source(r.data.source, r.data.train, split=r.data.train_split, limit=n)
+        examples = load_source(r.data.source, r.data.train_path, split=r.data.train_split, limit=n)
         tokenizer = load_tokenizer(resolve_model(model or r.model))
-        fmt = get_format(r.format)
+        fmt = get_format(r.format, tokenizer=tokenizer) if r.format == "auto" else get_format(r.format)
     except _user_errors() as err:
         _fail(err)
     for ex in examples[:n]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import platform
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from calltune.evaluate.runner import evaluate_model
 from calltune.formats import get_format
 from calltune.recipe import Recipe
 from calltune.sources import Rejects, load_source
+from calltune.sources.clean import clean, split_validation
 from calltune.train import train
 
 METRIC_ROWS = {
@@ -33,21 +33,32 @@ METRIC_ROWS = {
 }
 
 
+def recipe_format(recipe: Recipe):
+    """The recipe's prompt format; ``auto`` picks by the model's chat template (see `get_format`)."""
+    if recipe.format == "auto":
+        from calltune.models import load_tokenizer, resolve_model
+
+        return get_format("auto", tokenizer=load_tokenizer(resolve_model(recipe.model)))
+    return get_format(recipe.format)
+
+
 def prepare(recipe: Recipe, out: Path):
     """Load the train and eval examples; rejects go to ``out/rejects.jsonl``. Returns (train, eval, counts)."""
     rejects = Rejects(out / "rejects.jsonl")
     d = recipe.data
-    train_ex = load_source(d.source, d.train, split=d.train_split, rejects=rejects, limit=d.limit)
+    train_ex = load_source(d.source, d.train_path, split=d.train_split, rejects=rejects, limit=d.limit)
+    loaded = len(train_ex)
+    clean_report = None
+    if recipe.clean is not None:
+        result = clean(train_ex, recipe.clean, rejects)
+        train_ex, clean_report = result.examples, result.report
     if d.eval:
         eval_ex = load_source(d.source, d.eval, split=d.eval_split, rejects=rejects)
-    else:  # seeded 10% split, as seed 3's hosted service does
-        shuffled = train_ex[:]
-        random.Random(recipe.train.seed).shuffle(shuffled)
-        k = max(1, len(shuffled) // 10)
-        eval_ex, train_ex = shuffled[:k], shuffled[k:]
+    else:  # seeded split of the cleaned examples, as seed 3's hosted service does (10%)
+        train_ex, eval_ex = split_validation(train_ex, d.val_fraction, seed=recipe.train.seed)
     rejects.write()
-    counts = {"train_examples": len(train_ex), "eval_examples": len(eval_ex), "rejected_rows": len(rejects),
-              "rejects_by_reason": rejects.counts}
+    counts = {"loaded_train_examples": loaded, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+              "rejected_rows": len(rejects), "rejects_by_reason": rejects.counts, "clean": clean_report}
     return train_ex, eval_ex, counts, rejects
 
 
@@ -143,7 +154,7 @@ def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str
     out = Path(output_dir) if output_dir else recipe.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(recipe.model_dump_json(indent=2) + "\n")
-    fmt = get_format(recipe.format)
+    fmt = recipe_format(recipe)
     walls: dict[str, float] = {}
     summary: dict[str, Any] = {"recipe": recipe.name, "wall_seconds": walls,
                                "machine": f"{platform.processor() or platform.machine()}, "

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from calltune.evaluate.runner import EvalConfig
+from calltune.sources.clean import CleanConfig
 from calltune.train.config import TrainConfig
 
 
@@ -23,11 +24,24 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source: str = Field(description="dataset adapter, e.g. viggo, xlam, glaive, llama_functions, hermes, openai")
-    train: str = Field(description="training file or hub dataset id")
+    hub_id: str | None = Field(None, description="the dataset's hub id, loaded when `train` is not given")
+    train: str | None = Field(None, description="training file (or hub id); overrides hub_id")
     train_split: str = Field("train", description="split of a hub dataset")
-    eval: str | None = Field(None, description="evaluation file or hub id (default: split off the training set)")
+    eval: str | None = Field(None, description="evaluation file or hub id (default: hold out val_fraction of the "
+                                               "cleaned training examples, seeded, as seed 003's service does)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for eval when `eval` is not given")
     eval_split: str = Field("validation", description="split of a hub dataset for eval")
     limit: int | None = Field(None, ge=1, description="use only the first N training rows")
+
+    @model_validator(mode="after")
+    def _train_or_hub(self) -> "DataConfig":
+        if not (self.train or self.hub_id):
+            raise ValueError("give data.train (a file) or data.hub_id (a hub dataset id)")
+        return self
+
+    @property
+    def train_path(self) -> str:
+        return self.train or self.hub_id  # type: ignore[return-value]
 
 
 class Recipe(BaseModel):
@@ -38,6 +52,8 @@ class Recipe(BaseModel):
     model: str = Field(description="alias, local folder, .gguf file or hub id")
     format: str = Field(description="prompt format, e.g. viggo, hermes")
     data: DataConfig
+    clean: CleanConfig | None = Field(None, description="cleaning rules applied to the training examples "
+                                                        "(calltune.sources.clean); omit to use rows as loaded")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str | None = Field(None, description="where everything goes (default runs/<name>)")
@@ -107,6 +123,21 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raise RecipeError(str(path), _problems(err)) from None
 
 
+def _bfcl_problems(key: str, value: str) -> list[str]:
+    try:
+        from calltune.sources.bfcl import bfcl_categories
+
+        known = bfcl_categories() + ["simple", "java", "javascript"]
+    except ImportError as err:
+        return [f"data.{key}: {err}"]
+    out = []
+    for category in (c.strip() for c in value.split(",")):
+        if category not in known:
+            close = difflib.get_close_matches(category, known, n=1)
+            out.append(f"data.{key}: unknown BFCL category {category!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    return out
+
+
 def validate_recipe(path: str | Path) -> Recipe:
     """`load_recipe` plus the checks that need no weights: format, source and model names, data paths.
 
@@ -119,7 +150,7 @@ def validate_recipe(path: str | Path) -> Recipe:
 
     recipe = load_recipe(path)
     problems = []
-    if recipe.format not in FORMATS:
+    if recipe.format not in FORMATS and recipe.format != "auto":
         close = difflib.get_close_matches(recipe.format, FORMATS, n=1)
         problems.append(f"format: unknown prompt format {recipe.format!r}"
                         + (f"; did you mean {close[0]!r}?" if close else "") + f" (choices: {', '.join(sorted(FORMATS))})")
@@ -127,8 +158,11 @@ def validate_recipe(path: str | Path) -> Recipe:
         close = difflib.get_close_matches(recipe.data.source, SOURCES, n=1)
         problems.append(f"data.source: unknown source {recipe.data.source!r}"
                         + (f"; did you mean {close[0]!r}?" if close else "") + f" (choices: {', '.join(sorted(SOURCES))})")
-    for key in ("train", "eval"):
+    for key in ("train", "eval", "hub_id"):
         value = getattr(recipe.data, key)
+        if recipe.data.source == "bfcl" and value:
+            problems += _bfcl_problems(key, value)
+            continue
         if not value or Path(value).exists():
             continue
         if Path(value).suffix.lower() in (".csv", ".json", ".jsonl", ".parquet"):

@@ -123,7 +123,7 @@ def tool_call_grammar(fmt: PromptFormat, tools: list[Tool], mode: Mode = "auto",
 def json_grammar(schema: dict[str, Any]) -> str:
     """Grammar of a JSON value valid against `schema` (for ``response_format: json_schema``)."""
     llguidance = _require()
-    return llguidance.LLMatcher.grammar_from_json_schema(schema)
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
 
 
 # -- matching --------------------------------------------------------------------------------------
@@ -157,16 +157,18 @@ def compile_grammar(tokenizer, grammar: str):
     return matcher
 
 
-def tool_call_matcher(tokenizer, fmt: PromptFormat, tools: list[Tool], mode: Mode = "auto", parallel: bool = True):
-    """`compile_grammar` of `tool_call_grammar`; argument schemas llguidance can't compile are loosened
-    to "any object" (with a warning) rather than failing the request."""
+def checked_tool_call_grammar(tokenizer, fmt: PromptFormat, tools: list[Tool], mode: Mode = "auto",
+                              parallel: bool = True) -> str:
+    """`tool_call_grammar`, compiled once against `tokenizer` to check it. Argument schemas llguidance
+    can't compile are loosened to "any object" (with a warning) rather than failing the request."""
+    grammar = tool_call_grammar(fmt, tools, mode, parallel)
     try:
-        return compile_grammar(tokenizer, tool_call_grammar(fmt, tools, mode, parallel))
+        compile_grammar(tokenizer, grammar)
     except ConstrainedDecodingError as err:
-        if not supports(fmt) or not tools:
-            raise
         log.warning("tool schemas not supported by llguidance (%s); constraining names and JSON only", err)
-        return compile_grammar(tokenizer, tool_call_grammar(fmt, tools, mode, parallel, loose=True))
+        grammar = tool_call_grammar(fmt, tools, mode, parallel, loose=True)
+        compile_grammar(tokenizer, grammar)
+    return grammar
 
 
 class GrammarConstraint(LogitsProcessor):

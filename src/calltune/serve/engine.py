@@ -26,6 +26,7 @@ import torch
 
 from calltune.infer import constrained as cd
 from calltune.schema import Example, Message, ToolCall
+from calltune.serve.protocol import RequestError
 from calltune.serve.registry import ModelRegistry, ServedModel
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,17 @@ def plan(served: ServedModel, example: Example, params: Params) -> Plan:
         if params.tool_choice == "function":
             tools = [t for t in tools if t.name == params.function]
         mode = "auto" if params.tool_choice == "auto" else "required"
-        grammar = cd.tool_call_grammar(served.fmt, tools, mode, params.parallel_tool_calls)
-        cd.compile_grammar(served.tokenizer, grammar)  # fail here, not inside generate
+        grammar = cd.checked_tool_call_grammar(served.tokenizer, served.fmt, tools, mode, params.parallel_tool_calls)
     elif offer and params.constrained:
         log.warning("%s: constrained decoding does not know format %r; generating unconstrained",
                     served.name, served.fmt.name)
     elif not offer and params.json_schema is not None and params.constrained:
         grammar = cd.json_grammar(params.json_schema)
+        try:
+            cd.compile_grammar(served.tokenizer, grammar)
+        except cd.ConstrainedDecodingError as err:
+            raise RequestError(f"response_format: the JSON Schema can't be enforced: {err}",
+                               param="response_format") from None
     return Plan(prompt=prompt, grammar=grammar, parse_calls=offer)
 
 
@@ -150,7 +155,7 @@ class ContentSplitter:
             else:
                 for k in range(len(self.OPEN) - 1, 0, -1):
                     if self.text.endswith(self.OPEN[:k]):
-                        safe = min(safe, len(self.text) - k)
+                        safe = min(safe, len(self.text[:len(self.text) - k].rstrip()))
                         break
         start = max(self.sent, self.lead)
         if safe <= start:

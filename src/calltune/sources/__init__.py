@@ -12,10 +12,35 @@ from typing import Callable
 
 from calltune.schema import Example
 from calltune.sources.base import Rejects, SourceError, read_table
+from calltune.sources.glaive import load_glaive
+from calltune.sources.hermes import load_hermes
+from calltune.sources.llama_functions import load_llama_functions
+from calltune.sources.openai_jsonl import load_openai_jsonl
 from calltune.sources.viggo import load_viggo
+from calltune.sources.xlam import load_xlam
+
+
+def load_bfcl_categories(categories: str, split: str = "train", rejects: Rejects | None = None,
+                         limit: int | None = None) -> list[Example]:
+    """BFCL as a source: `categories` is a comma-separated list (``live_simple,live_multiple``), read
+    from the installed bfcl-eval wheel; `limit` applies per category. `split` is unused (BFCL has none).
+    """
+    from calltune.sources.bfcl import load_bfcl
+
+    examples: list[Example] = []
+    for category in (c.strip() for c in str(categories).split(",") if c.strip()):
+        examples += load_bfcl(category, limit=limit, rejects=rejects)
+    return examples
+
 
 SOURCES: dict[str, Callable[..., list[Example]]] = {
     "viggo": load_viggo,
+    "xlam": load_xlam,
+    "glaive": load_glaive,
+    "llama_functions": load_llama_functions,
+    "openai_jsonl": load_openai_jsonl,
+    "hermes": load_hermes,
+    "bfcl": load_bfcl_categories,
 }
 
 
@@ -34,20 +59,5 @@ def load_source(name: str, path_or_id: str | Path, split: str = "train", rejects
     return SOURCES[name](path_or_id, split=split, rejects=rejects, limit=limit)
 
 
-__all__ = ["SOURCES", "Rejects", "SourceError", "load_source", "read_table"]
-
-# The JSON-schema tool-calling datasets.
-from calltune.sources.glaive import load_glaive  # noqa: E402
-from calltune.sources.hermes import load_hermes  # noqa: E402
-from calltune.sources.llama_functions import load_llama_functions  # noqa: E402
-from calltune.sources.openai_jsonl import load_openai_jsonl  # noqa: E402
-from calltune.sources.xlam import load_xlam  # noqa: E402
-
-SOURCES.update({
-    "xlam": load_xlam,
-    "glaive": load_glaive,
-    "llama_functions": load_llama_functions,
-    "openai_jsonl": load_openai_jsonl,
-    "hermes": load_hermes,
-})
-__all__ += ["load_glaive", "load_hermes", "load_llama_functions", "load_openai_jsonl", "load_xlam"]
+__all__ = ["SOURCES", "Rejects", "SourceError", "load_bfcl_categories", "load_glaive", "load_hermes",
+           "load_llama_functions", "load_openai_jsonl", "load_source", "load_viggo", "load_xlam", "read_table"]

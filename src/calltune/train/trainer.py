@@ -144,6 +144,29 @@ class CalltuneTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+class ReleaseFreedMemory(TrainerCallback):
+    """Every `every` steps, hand memory freed by PyTorch back to the OS (glibc `malloc_trim`).
+
+    Batches grouped by length have a different shape at every step; with glibc's allocator the freed
+    blocks of all those shapes stay mapped, and a full fine-tune's resident memory grew from 7.5 to
+    13 GB over 150 steps of the ViGGO recipe. A no-op where glibc is not the C library.
+    """
+
+    def __init__(self, every: int = 10):
+        import ctypes
+        import ctypes.util
+
+        self.every = every
+        try:
+            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._trim is not None and state.global_step % self.every == 0:
+            self._trim(0)
+
+
 class _ListDataset(torch.utils.data.Dataset):
     def __init__(self, rows):
         self.rows = rows
@@ -232,7 +255,7 @@ def train(model_name: str, examples: list[Example], fmt: PromptFormat, cfg: Trai
     args = training_arguments(cfg, output_dir / "checkpoints")
     trainer = CalltuneTrainer(model=model, args=args, train_dataset=_ListDataset(rows),
                               data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing),
-                              callbacks=callbacks)
+                              callbacks=[ReleaseFreedMemory(), *(callbacks or [])])
     start = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - start

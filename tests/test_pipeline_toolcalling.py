@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 def test_recipe_runs_end_to_end(name, fmt, tmp_path, monkeypatch, smollm2_path):
     monkeypatch.chdir(RECIPES.parent)
     recipe = load_recipe(RECIPES / f"{name}.yaml", {
-        "train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.max_length": 768,
-        "eval.limit": 2, "eval.max_new_tokens": 24, "eval.base": False})
+        "train.max_steps": 2, "train.batch_size": 1, "train.logging_steps": 1, "train.max_length": 512,
+        "eval.limit": 2, "eval.max_new_tokens": 16, "eval.base": False})
     summary = run_recipe(recipe, tmp_path)
     data = summary["data"]
     assert data["train_examples"] + data["eval_examples"] + data["rejected_rows"] >= data["loaded_train_examples"]

@@ -148,5 +148,7 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
                 "parse_error": p.error, "scores": scores,
             }, ensure_ascii=False) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    confusion_png(pairs, out_dir / "confusion.png", f"function names: {Path(str(model_name)).name}")
+    label = Path(str(model_name))
+    label = label.parent.name if label.name == "model" else label.name  # runs/<name>/model -> <name>
+    confusion_png(pairs, out_dir / "confusion.png", f"function names: {label}")
     return metrics

@@ -22,7 +22,8 @@ the model was trained on. Modes:
 - ``auto``: free text, or text followed by call blocks; once ``<tool_call>`` is written the rest must
   be calls (a lazy trigger, so plain answers are not constrained at all);
 - ``required``: the output is call blocks and nothing else (first token on);
-- ``parallel=False`` allows one call instead of one or more.
+- ``parallel=False`` allows one call instead of one or more;
+- `no_call_grammar` (``tool_choice: none``): any text that does not open a call.
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ def tool_call_grammar(fmt: PromptFormat, tools: list[Tool], mode: Mode = "auto",
     return "\n".join([start, *rules]) + "\n"
 
 
+def no_call_grammar(fmt: PromptFormat) -> str:
+    """Grammar of a plain-text answer: any text without the format's call opener (``tool_choice: none``)."""
+    if not supports(fmt):
+        raise ConstrainedDecodingError(f"constrained decoding knows the call syntax of the hermes format only, "
+                                       f"not {fmt.name!r}")
+    return "start: PLAIN\nPLAIN: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/\n"
+
+
 def json_grammar(schema: dict[str, Any]) -> str:
     """Grammar of a JSON value valid against `schema` (for ``response_format: json_schema``)."""
     llguidance = _require()
@@ -147,8 +156,9 @@ def compile_grammar(tokenizer, grammar: str):
     """A fresh `LLMatcher` for `grammar`; raises ConstrainedDecodingError if it does not compile."""
     llguidance = _require()
     lt = ll_tokenizer(tokenizer)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-        llguidance.LLMatcher.grammar_from_lark(grammar) if not grammar.lstrip().startswith("{") else grammar, lt)
+    if not grammar.lstrip().startswith("{"):  # Lark text -> llguidance's JSON grammar
+        grammar = llguidance.LLMatcher.grammar_from_lark(grammar)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lt)
     if is_error:
         raise ConstrainedDecodingError(f"grammar does not compile: {messages[0] if messages else '?'}")
     matcher = llguidance.LLMatcher(lt, grammar, log_level=0)

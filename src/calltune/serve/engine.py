@@ -6,7 +6,8 @@ lock (`complete`), parsing with the model's own prompt format (the one it was tr
 streaming (`stream_complete`: content deltas as the model writes them, tool calls once parsed).
 
 tool_choice:
-- ``none``: the prompt offers no tools and the output is not parsed for calls;
+- ``none``: the prompt offers no tools and the output is not parsed for calls (constrained: it can't
+  open a call either);
 - ``auto``: tools offered; the model answers in text or calls (constrained: calls must be well formed);
 - ``required``: at least one call (constrained: the output is call blocks from the first token);
 - a named function: exactly like required, with that function the only one allowed.
@@ -93,6 +94,8 @@ def plan(served: ServedModel, example: Example, params: Params) -> Plan:
         except cd.ConstrainedDecodingError as err:
             raise RequestError(f"response_format: the JSON Schema can't be enforced: {err}",
                                param="response_format") from None
+    elif example.tools and params.tool_choice == "none" and params.constrained and cd.supports(served.fmt):
+        grammar = cd.no_call_grammar(served.fmt)  # a model tuned to call may try anyway: it can't
     return Plan(prompt=prompt, grammar=grammar, parse_calls=offer)
 
 

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 class ServedModel:
     """One name the server answers to: the (possibly shared) model, its tokenizer and prompt format.
 
-    `adapter` is the PEFT adapter name to activate, or None; `base_of_adapters` is True for a base
-    model that also carries adapters (they are disabled while it generates).
+    `fmt` is the format saved with the model (hermes if it has none). `adapter` is the PEFT adapter
+    name to activate, or None; `base_of_adapters` is True for a base model that also carries adapters
+    (they are disabled while it generates).
     """
 
     name: str
@@ -45,7 +46,6 @@ class ServedModel:
     fmt: PromptFormat
     adapter: str | None = None
     base_of_adapters: bool = False
-    format_saved: bool = True
 
 
 def _adapter_base(path: str) -> str:
@@ -69,6 +69,7 @@ class ModelRegistry:
             adapters = [n for n in names if is_adapter(resolved[n])]
             plain = [n for n in names if n not in adapters]
             model, base_tokenizer, _ = load_model(base, dtype=torch.float32, attn_implementation="sdpa")
+            merged = False
             if adapters:
                 from peft import PeftModel
 
@@ -76,11 +77,10 @@ class ModelRegistry:
                 for name in adapters[1:]:
                     model.load_adapter(resolved[name], adapter_name=name)
                 if len(adapters) == 1 and not plain:
-                    model = model.merge_and_unload()
+                    model, merged = model.merge_and_unload(), True
                     log.info("merged the only adapter on %s (%s) in memory", base, adapters[0])
             model = fast_decode_linears(model.to(dtype).eval())
             model.generation_config.pad_token_id = base_tokenizer.pad_token_id
-            merged = adapters and not hasattr(model, "set_adapter")
             for name in names:
                 path = resolved[name]
                 tokenizer = load_tokenizer(path) if Path(path, "tokenizer_config.json").exists() else base_tokenizer
@@ -88,7 +88,7 @@ class ModelRegistry:
                 self.models[name] = ServedModel(
                     name=name, path=path, model=model, tokenizer=tokenizer, fmt=fmt or get_format("hermes"),
                     adapter=None if merged or name not in adapters else name,
-                    base_of_adapters=bool(adapters) and not merged and name in plain, format_saved=fmt is not None)
+                    base_of_adapters=bool(adapters) and not merged and name in plain)
                 if fmt is None:
                     log.warning("%s (%s) has no saved prompt format; using hermes", name, path)
 

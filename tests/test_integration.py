@@ -31,7 +31,7 @@ def test_full_fine_tune_pipeline_end_to_end(tmp_path, in_repo, smollm2_path):
         metrics = json.loads((tmp_path / which / "metrics.json").read_text())
         assert metrics["n"] == 8
         lines = (tmp_path / which / "predictions.jsonl").read_text().splitlines()
-        assert len(lines) == 8 and json.loads(lines[0])["reference"]["name"]
+        assert len(lines) == 8 and json.loads(lines[0])["reference"][0]["name"]
         assert (tmp_path / which / "confusion.png").stat().st_size > 1000
     assert summary["eval_tuned"]["overall_accuracy"] >= 0.0
     report = (tmp_path / "report.md").read_text()

@@ -187,8 +187,8 @@ class GrammarConstraint(LogitsProcessor):
     `matchers[i]` is an llguidance `LLMatcher` for row i, or None for an unconstrained row. The
     processor consumes the token chosen at the previous step before computing the next mask, so it
     must see every step of one `generate` call, starting right after the prompt (`prompt_width`
-    columns of left-padded input). A row whose matcher has stopped (its end-of-turn was chosen) is left
-    alone: `generate` only pads it from then on.
+    columns of left-padded input). Once a row's grammar is complete (the matcher has stopped), only
+    end-of-turn is allowed; after it `generate` just pads the row.
     """
 
     def __init__(self, matchers: list, prompt_width: int, eos_token_id: int):
@@ -206,9 +206,9 @@ class GrammarConstraint(LogitsProcessor):
         vocab = scores.shape[-1]
         words = (vocab + 31) // 32
         for row, matcher in enumerate(self.matchers):
-            if matcher is None or (matcher.is_stopped() and not matcher.is_error()):
+            if matcher is None:
                 continue
-            if matcher.is_error() or self.failed[row]:
+            if matcher.is_stopped() or self.failed[row]:  # complete (or broken): only end-of-turn is left
                 allowed = torch.zeros(vocab, dtype=torch.bool)
                 allowed[self.eos] = True
             else:

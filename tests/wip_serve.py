@@ -335,11 +335,11 @@ def test_tool_call(client):
 
 @pytest.mark.slow
 def test_parallel_calls_and_parallel_tool_calls_false(client):
-    both = _ask(client, ASK_TWO)
+    both = _ask(client, ASK_TWO, max_tokens=80)
     assert _calls(both) == [("get_weather", {"city": "Tokyo"}), ("get_weather", {"city": "Rome"})]
     ids = [c.id for c in both.choices[0].message.tool_calls]
     assert len(set(ids)) == 2
-    one = _ask(client, ASK_TWO, parallel_tool_calls=False)
+    one = _ask(client, ASK_TWO, parallel_tool_calls=False, max_tokens=80)
     assert _calls(one) == [("get_weather", {"city": "Tokyo"})]
 
 
@@ -358,7 +358,7 @@ def test_tool_result_turn_gets_a_text_answer(client):
 
 @pytest.mark.slow
 def test_streaming_tool_calls_and_usage(client):
-    chunks = list(_ask(client, ASK_TWO, stream=True, stream_options={"include_usage": True}))
+    chunks = list(_ask(client, ASK_TWO, max_tokens=80, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     calls: dict[int, dict] = {}
     for chunk in chunks:

@@ -66,7 +66,7 @@ def tuned_adapter(root: Path) -> str:
     keep = os.environ.get("CALLTUNE_TEST_MODEL_DIR")
     out = Path(keep) if keep else root / "tuned-adapter"
     if not (out / "adapter_config.json").exists():
-        cfg = TrainConfig(method="lora", max_steps=12, batch_size=6, learning_rate=3e-3, warmup_ratio=0.0,
+        cfg = TrainConfig(method="lora", max_steps=8, batch_size=6, learning_rate=3e-3, warmup_ratio=0.0,
                           lr_scheduler="constant", logging_steps=4, save_steps=1000, max_length=512)
         train("smollm2-135m-instruct", examples(), get_format("hermes"), cfg, out)
     _CACHE["adapter"] = str(out)

@@ -1,8 +1,8 @@
 """Constrained decoding: generation that can only produce well-formed calls of the offered tools.
 
 Owns the grammar of a prompt format's tool calls (`tool_call_grammar`), the `GrammarConstraint` logits
-processor that masks every token the grammar forbids, and `generate_constrained`, batched generation
-like `calltune.infer.generate.generate` with one grammar (or none) per prompt.
+hook that masks every token the grammar forbids, and `generate_constrained`: calltune's batched
+generation (`calltune.infer.generate.generate`) with one grammar (or none) per prompt.
 
 The grammar engine is llguidance (https://github.com/guidance-ai/llguidance, MIT; the engine behind
 OpenAI's and vLLM's structured outputs and llama.cpp's ``%llguidance`` grammars). Chosen over
@@ -35,10 +35,9 @@ import threading
 from typing import Any, Literal
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from calltune.formats import PromptFormat
-from calltune.infer.generate import Generation
+from calltune.infer.generate import Generation, generate
 from calltune.schema import Tool
 
 log = logging.getLogger(__name__)
@@ -181,41 +180,37 @@ def checked_tool_call_grammar(tokenizer, fmt: PromptFormat, tools: list[Tool], m
     return grammar
 
 
-class GrammarConstraint(LogitsProcessor):
-    """Mask the logits of each batch row to the tokens its grammar allows next.
+class GrammarConstraint:
+    """A `calltune.infer.generate` logits hook: mask each row's scores to the tokens its grammar allows.
 
-    `matchers[i]` is an llguidance `LLMatcher` for row i, or None for an unconstrained row. The
-    processor consumes the token chosen at the previous step before computing the next mask, so it
-    must see every step of one `generate` call, starting right after the prompt (`prompt_width`
-    columns of left-padded input). Once a row's grammar is complete (the matcher has stopped), only
-    end-of-turn is allowed; after it `generate` just pads the row.
+    `matchers` maps a prompt's index to its llguidance `LLMatcher` (prompts without one are free).
+    Each step the hook first feeds every constrained row the token it chose at the previous step,
+    then masks its scores. Once a row's grammar is complete (the matcher has stopped), only
+    end-of-turn is allowed, which ends the row.
     """
 
-    def __init__(self, matchers: list, prompt_width: int, eos_token_id: int):
+    def __init__(self, matchers: dict[int, Any], eos_token_id: int):
         self.matchers = matchers
-        self.prompt_width = prompt_width
         self.eos = eos_token_id
-        self.failed = [False] * len(matchers)
+        self.failed: set[int] = set()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[1] > self.prompt_width:
-            last = input_ids[:, -1].tolist()
-            for row, matcher in enumerate(self.matchers):
-                if matcher is not None and not matcher.is_stopped() and not matcher.consume_token(last[row]):
-                    self.failed[row] = True  # should not happen: the token was masked in
+    def __call__(self, rows: list[int], scores: torch.Tensor, last: list[int] | None) -> torch.Tensor:
         vocab = scores.shape[-1]
         words = (vocab + 31) // 32
-        for row, matcher in enumerate(self.matchers):
+        for slot, row in enumerate(rows):
+            matcher = self.matchers.get(row)
             if matcher is None:
                 continue
-            if matcher.is_stopped() or self.failed[row]:  # complete (or broken): only end-of-turn is left
+            if last is not None and not matcher.is_stopped() and not matcher.consume_token(last[slot]):
+                self.failed.add(row)  # should not happen: the token was masked in
+            if matcher.is_stopped() or row in self.failed:  # complete (or broken): only end-of-turn is left
                 allowed = torch.zeros(vocab, dtype=torch.bool)
                 allowed[self.eos] = True
             else:
                 bitmask = torch.from_numpy(_bitmask(matcher, words))
                 bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
                 allowed = bits.reshape(-1)[:vocab].bool()
-            scores[row].masked_fill_(~allowed.to(scores.device), float("-inf"))
+            scores[slot].masked_fill_(~allowed.to(scores.device), float("-inf"))
         return scores
 
 
@@ -230,12 +225,11 @@ def _bitmask(matcher, words: int):
 
 
 # -- generation ------------------------------------------------------------------------------------
-@torch.inference_mode()
 def generate_constrained(model, tokenizer, prompts: list[list[int]], grammars: list[str | None] | None = None,
                          max_new_tokens: int = 128, batch_size: int = 16, temperature: float = 0.0,
                          top_p: float = 1.0, stop: list[str] | None = None, streamer=None,
                          progress: bool = False) -> list[Generation]:
-    """Complete each prompt like `calltune.infer.generate.generate`, each under its grammar (None: free).
+    """Complete each prompt with `calltune.infer.generate.generate`, each under its grammar (None: free).
 
     Args:
         grammars: one Lark grammar (from `tool_call_grammar`, `json_grammar`) or None per prompt.
@@ -245,60 +239,15 @@ def generate_constrained(model, tokenizer, prompts: list[list[int]], grammars: l
 
     Returns:
         One `Generation` per prompt, in order.
+
+    Raises:
+        ValueError: not one grammar per prompt. ConstrainedDecodingError: a grammar does not compile.
     """
     grammars = grammars or [None] * len(prompts)
     if len(grammars) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(grammars)} grammars")
-    if streamer is not None and len(prompts) != 1:
-        raise ValueError("a streamer needs exactly one prompt")
-    if any(g is not None for g in grammars):
-        ll_tokenizer(tokenizer)  # build once, outside the timed loop
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    device = next(model.parameters()).device
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc="generate", unit="ex")
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            n = len(prompts[i])
-            ids[row, width - n:] = torch.tensor(prompts[i])
-            attn[row, width - n:] = 1
-        kwargs: dict[str, Any] = {"do_sample": False}
-        if temperature > 0:
-            kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        matchers = [compile_grammar(tokenizer, grammars[i]) if grammars[i] is not None else None for i in batch]
-        if any(m is not None for m in matchers):
-            kwargs["logits_processor"] = LogitsProcessorList([GrammarConstraint(matchers, width, eos)])
-        if stop:
-            kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad, streamer=streamer, **kwargs)
-        for row, i in enumerate(batch):
-            new = out[row, width:].tolist()
-            stopped = eos in new
-            if stopped:
-                new = new[:new.index(eos)]
-            else:
-                while new and new[-1] == pad:
-                    new.pop()
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            finish = "stop" if stopped else "length"
-            cut = min((p for p in (text.find(s) for s in stop or []) if p >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-            results[i] = Generation(text=text, prompt_tokens=len(prompts[i]),
-                                    completion_tokens=len(new) + int(stopped), finish_reason=finish)
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return results  # type: ignore[return-value]
+    matchers = {i: compile_grammar(tokenizer, g) for i, g in enumerate(grammars) if g is not None}
+    hook = GrammarConstraint(matchers, tokenizer.eos_token_id) if matchers else None
+    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    temperature=temperature, top_p=top_p, stop=stop, logits_hook=hook, streamer=streamer,
+                    progress=progress)

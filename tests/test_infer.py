@@ -1,0 +1,72 @@
+"""calltune's decode loop (`calltune.infer.generate`) against plain `model.generate`, on the real SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calltune.formats import get_format
+from calltune.formats.chat import render_prompt
+from calltune.infer.generate import _common_prefix, generate, load_for_inference
+
+
+def test_common_prefix_leaves_every_prompt_a_token():
+    assert _common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert _common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is still prefilled
+    assert _common_prefix([[7], [7, 8]]) == 0
+    assert _common_prefix([[1, 2], [3, 2]]) == 0
+
+
+@pytest.fixture(scope="module")
+def fp32_model(smollm2_path):
+    return load_for_inference(smollm2_path, dtype=torch.float32)
+
+
+def _one_at_a_time(model, tokenizer, prompt, max_new_tokens):
+    eos = tokenizer.eos_token_id
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                         pad_token_id=tokenizer.pad_token_id)
+    new = out[0, len(prompt):].tolist()
+    stopped = eos in new
+    return tokenizer.decode(new[:new.index(eos)] if stopped else new, skip_special_tokens=True), stopped
+
+
+@pytest.mark.slow
+def test_batched_prefix_shared_decoding_equals_one_prompt_at_a_time(fp32_model, viggo_valid):
+    """Shared-prefix cache, padding after the prefix and rows leaving the batch change nothing (fp32, greedy).
+
+    The prompts differ in length (padding), share the instruction (prefix cache) and finish at
+    different steps (rows leave the batch); a wrong position id or mask changes the greedy text.
+    """
+    model, tokenizer, _ = fp32_model
+    fmt = get_format("viggo")
+    examples = [viggo_valid[i] for i in (0, 3, 11, 40, 77)]
+    prompts = [fmt.prompt(e, tokenizer) for e in examples]
+    prompts.append(prompts[0][:20])  # a prompt that ends inside the others' common prefix
+    for question in ("What is 2+2? Answer with a number only.", "Say hi."):  # answers that end early
+        prompts.append(render_prompt(tokenizer, [{"role": "user", "content": question}]))
+    assert len({len(p) for p in prompts}) > 1
+    got = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=len(prompts))
+    for prompt, gen in zip(prompts, got):
+        text, stopped = _one_at_a_time(model, tokenizer, prompt, 24)
+        assert gen.text == text
+        assert gen.finish_reason == ("stop" if stopped else "length")
+        assert gen.prompt_tokens == len(prompt)
+    assert {g.finish_reason for g in got} == {"stop", "length"}  # rows left the batch at different steps
+
+
+@pytest.mark.slow
+def test_stop_strings_and_sampling(fp32_model, viggo_valid):
+    model, tokenizer, _ = fp32_model
+    prompt = get_format("viggo").prompt(viggo_valid[0], tokenizer)
+    free = generate(model, tokenizer, [prompt], max_new_tokens=16)[0]
+    assert len(free.text) > 4
+    stop = free.text[2:4]
+    cut = generate(model, tokenizer, [prompt], max_new_tokens=16, stop=[stop])[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.find(stop)]
+    torch.manual_seed(0)
+    a = generate(model, tokenizer, [prompt] * 3, max_new_tokens=12, temperature=1.5)
+    assert len({g.text for g in a}) > 1  # sampled rows differ
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, tokenizer, [prompt, []])

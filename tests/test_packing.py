@@ -1,0 +1,63 @@
+"""Padding-free packing (`Collator(packing=True)`) trains on exactly the loss of padded batches.
+
+With the real SmolLM2 in fp32 and eager attention: the summed loss and the trained-token count of a
+packed batch equal those of the same rows right-padded, and equal the sum of each row's loss computed
+alone (so packed examples don't attend to each other); packing whose position_ids don't restart at
+each example (so transformers sees one long sequence and a plain causal mask) gives a different loss,
+which shows the test can fail.
+"""
+
+import pytest
+import torch
+
+from calltune.formats import get_format
+from calltune.models import load_model
+from calltune.train.trainer import Collator, selected_loss, tokenize_examples
+
+pytestmark = pytest.mark.slow
+
+ROWS = 6
+REL = 1e-3  # fp32; the padded and packed kernels sum in different orders
+
+
+@pytest.fixture(scope="module")
+def model_and_rows(smollm2_path, viggo_valid):
+    model, tokenizer, _ = load_model(smollm2_path, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    rows = tokenize_examples(viggo_valid[:ROWS], get_format("viggo"), tokenizer, max_length=256)
+    assert len(rows) == ROWS and len({r["length"] for r in rows}) > 1, "rows of different lengths make padding"
+    return model, rows, tokenizer.pad_token_id
+
+
+def loss_of(model, batch):
+    with torch.no_grad():
+        loss, n = selected_loss(model, batch)
+    return float(loss), n
+
+
+def test_packed_and_padded_batches_give_the_same_loss(model_and_rows):
+    model, rows, pad = model_and_rows
+    padded_loss, padded_n = loss_of(model, Collator(pad, packing=False)(rows))
+    packed = Collator(pad, packing=True)(rows)
+    assert packed["input_ids"].shape == (1, sum(r["length"] for r in rows))
+    packed_loss, packed_n = loss_of(model, packed)
+    assert packed_n == padded_n == sum(sum(t != -100 for t in r["labels"]) for r in rows)
+    assert packed_loss == pytest.approx(padded_loss, rel=REL)
+
+
+def test_packed_examples_do_not_attend_to_each_other(model_and_rows):
+    model, rows, pad = model_and_rows
+    alone = [loss_of(model, Collator(pad, packing=False)([r])) for r in rows]
+    packed_loss, packed_n = loss_of(model, Collator(pad, packing=True)(rows))
+    assert packed_n == sum(n for _, n in alone)
+    assert packed_loss == pytest.approx(sum(loss for loss, _ in alone), rel=REL)
+
+
+def test_packing_without_restarting_positions_changes_the_loss(model_and_rows):
+    model, rows, pad = model_and_rows
+    packed = Collator(pad, packing=True)(rows)
+    packed_loss, _ = loss_of(model, packed)
+    broken = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+    broken_loss, _ = loss_of(model, broken)
+    # Later examples now attend to earlier ones and sit at shifted positions: a visibly different loss.
+    assert abs(broken_loss - packed_loss) > 20 * REL * packed_loss

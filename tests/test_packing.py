@@ -38,24 +38,32 @@ def loss_of(model, batch):
 def test_packed_and_padded_batches_give_the_same_loss(model_and_rows):
     model, rows, pad = model_and_rows
     padded_loss, padded_n = loss_of(model, Collator(pad, packing=False)(rows))
-    packed = Collator(pad, packing=True)(rows)
-    assert packed["input_ids"].shape == (1, sum(r["length"] for r in rows))
-    packed_loss, packed_n = loss_of(model, packed)
-    assert packed_n == padded_n == sum(sum(t != -100 for t in r["labels"]) for r in rows)
-    assert packed_loss == pytest.approx(padded_loss, rel=REL)
+    total = sum(r["length"] for r in rows)
+    one_row = Collator(pad, packing=True, pack_length=10_000)(rows)
+    assert one_row["input_ids"].shape == (1, total) and int(one_row["num_tokens"]) == total
+    capped = Collator(pad, packing=True, pack_length=400)(rows)  # rows of <= 400 tokens, tails filled with pad
+    assert 1 < capped["input_ids"].shape[0] < len(rows) and int(capped["num_tokens"]) == total
+    assert capped["input_ids"].shape[1] <= 400
+    for packed in (one_row, capped):
+        batch = {k: v for k, v in packed.items() if k != "num_tokens"}
+        packed_loss, packed_n = loss_of(model, batch)
+        assert packed_n == padded_n == sum(sum(t != -100 for t in r["labels"]) for r in rows)
+        assert packed_loss == pytest.approx(padded_loss, rel=REL)
 
 
 def test_packed_examples_do_not_attend_to_each_other(model_and_rows):
     model, rows, pad = model_and_rows
     alone = [loss_of(model, Collator(pad, packing=False)([r])) for r in rows]
-    packed_loss, packed_n = loss_of(model, Collator(pad, packing=True)(rows))
+    packed = Collator(pad, packing=True, pack_length=10_000)(rows)
+    packed_loss, packed_n = loss_of(model, {k: v for k, v in packed.items() if k != "num_tokens"})
     assert packed_n == sum(n for _, n in alone)
     assert packed_loss == pytest.approx(sum(loss for loss, _ in alone), rel=REL)
 
 
 def test_packing_without_restarting_positions_changes_the_loss(model_and_rows):
     model, rows, pad = model_and_rows
-    packed = Collator(pad, packing=True)(rows)
+    packed = Collator(pad, packing=True, pack_length=10_000)(rows)
+    packed.pop("num_tokens")
     packed_loss, _ = loss_of(model, packed)
     broken = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
     broken_loss, _ = loss_of(model, broken)

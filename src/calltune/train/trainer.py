@@ -62,22 +62,25 @@ class Collator:
     """Batches tokenised rows.
 
     ``packing=False``: right-pad to the longest row; returns input_ids, attention_mask, labels (B, T).
-    ``packing=True``: concatenate the rows into one row of shape (1, sum of lengths) with position_ids
-    restarting at 0 for each example; transformers turns restarting position_ids into a block-diagonal
-    causal mask, so packed examples never attend to each other.
+
+    ``packing=True`` (padding-free packing): the rows are packed first-fit, longest first, into as few
+    rows of at most `pack_length` tokens as they fit, with position_ids restarting at 0 for each
+    example and no attention_mask; transformers turns restarting position_ids into a block-diagonal
+    causal mask (`masking_utils.find_packed_sequence_indices`), so packed examples never attend to each
+    other. The tail of a packed row is filled with pad tokens that form a sequence of their own
+    (positions from 0, labels ignored), so nothing real attends to them. Capping the packed rows
+    matters on CPU: without a variable-length attention kernel, one row of a whole batch (~2,000
+    tokens) computes a 2,000 x 2,000 score matrix per head and ran 4x slower than padded batches.
+    Returns input_ids, labels, position_ids (R, L) with R packed rows, and num_tokens (the real ones).
     """
 
     pad_token_id: int
     packing: bool = False
+    pack_length: int | None = None  # packed row capacity in tokens (default: the longest row)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.packing:
-            ids = [t for r in rows for t in r["input_ids"]]
-            # The first token of each example is no target of the example before it.
-            labels = [IGNORE if i == 0 else t for r in rows for i, t in enumerate(r["labels"])]
-            pos = [i for r in rows for i in range(len(r["input_ids"]))]
-            return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                    "position_ids": torch.tensor([pos])}
+            return self._pack(rows)
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -88,6 +91,30 @@ class Collator:
             labels[i, :n] = torch.tensor(r["labels"])
             attn[i, :n] = 1
         return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+    def _pack(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        capacity = max(self.pack_length or 0, max(len(r["input_ids"]) for r in rows))
+        bins: list[list[dict[str, Any]]] = []
+        used: list[int] = []
+        for r in sorted(rows, key=lambda r: -len(r["input_ids"])):  # first-fit decreasing
+            n = len(r["input_ids"])
+            k = next((k for k, u in enumerate(used) if u + n <= capacity), None)
+            if k is None:
+                bins.append([])
+                used.append(0)
+                k = len(bins) - 1
+            bins[k].append(r)
+            used[k] += n
+        width = max(used)
+        ids, labels, pos = [], [], []
+        for packed, n in zip(bins, used):
+            fill = width - n
+            ids.append([t for r in packed for t in r["input_ids"]] + [self.pad_token_id] * fill)
+            # The first token of each example is no target of the example before it.
+            labels.append([IGNORE if i == 0 else t for r in packed for i, t in enumerate(r["labels"])] + [IGNORE] * fill)
+            pos.append([i for r in packed for i in range(len(r["input_ids"]))] + list(range(fill)))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
+                "num_tokens": torch.tensor(sum(used))}
 
 
 def causal_lm_parts(model):
@@ -125,7 +152,8 @@ class CalltuneTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+        real = inputs.pop("num_tokens", None)  # packed batches say how many tokens are not fill
+        self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int(real)
         # accelerate autocasts `model.forward`; selected_loss calls the decoder and head directly.
         with self.accelerator.autocast():
             loss_sum, n = selected_loss(model, inputs)
@@ -254,7 +282,7 @@ def train(model_name: str, examples: list[Example], fmt: PromptFormat, cfg: Trai
         raise ValueError(f"no training example survived rendering with format {fmt.name!r}; see the rejects file")
     args = training_arguments(cfg, output_dir / "checkpoints")
     trainer = CalltuneTrainer(model=model, args=args, train_dataset=_ListDataset(rows),
-                              data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing),
+                              data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing, pack_length=cfg.max_length),
                               callbacks=[ReleaseFreedMemory(), *(callbacks or [])])
     start = time.perf_counter()
     out = trainer.train()

@@ -20,6 +20,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 err_console = Console(stderr=True)
 
+# BFCL's held-out single-turn categories: the default job's eval set and `calltune eval --benchmark bfcl`'s.
+BFCL_EVAL = "simple_python,multiple,parallel,parallel_multiple,irrelevance"
+
 
 def _fail(err: Exception) -> None:
     err_console.print(f"[bold red]error:[/] {err}", highlight=False)
@@ -49,15 +52,18 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 @app.command()
-def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; see recipes/"),
+def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; see recipes/ (default: the embedded "
+                                                            "BFCL job, recipes/bfcl-default.yaml)"),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="run folder (default runs/<name>)"),
         set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set train.max_steps=20")):
-    """Prepare -> train -> evaluate base and tuned -> report.md."""
+    """Prepare -> train -> evaluate base and tuned -> report.md.
+
+    Without a recipe: the embedded default job (fine-tune SmolLM2-135M-Instruct on BFCL's live
+    categories, score base and tuned on its non-live ones with the official AST checker).
+    """
     from calltune.pipeline import run_recipe
     from calltune.recipe import load_recipe
 
-    if recipe is None:
-        _fail(ValueError("give a recipe, e.g. `calltune run recipes/viggo-lora.yaml`"))
     try:
         r = load_recipe(recipe, _parse_overrides(set_))
         summary = run_recipe(r, output)
@@ -104,13 +110,18 @@ def train(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
 @app.command("eval")
 def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, .gguf or hub id"),
-          data: str = typer.Option(..., "--data", help="eval file or hub id"),
+          data: Optional[str] = typer.Option(None, "--data", help="eval file or hub id (with --benchmark bfcl: "
+                                                                   "comma-separated categories)"),
           source: str = typer.Option("viggo", "--source", help="dataset adapter"),
+          benchmark: Optional[str] = typer.Option(None, "--benchmark", help="bfcl: BFCL's single-turn categories, "
+                                                  "scored by its official AST checker (default: " + BFCL_EVAL + ")"),
           split: str = typer.Option("validation", "--split", help="hub split"),
           fmt: Optional[str] = typer.Option(None, "--format", help="prompt format (default: the one saved with the model)"),
-          limit: Optional[int] = typer.Option(None, "--limit", help="first N examples only"),
+          limit: Optional[int] = typer.Option(None, "--limit", help="first N examples only (per BFCL category)"),
           batch_size: int = typer.Option(32, "--batch-size"),
           max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+          constrained: bool = typer.Option(False, "--constrained/--no-constrained",
+                                           help="constrained decoding: calls name an offered tool, arguments fit its schema"),
           output: Path = typer.Option(Path("runs/eval"), "--output", "-o")):
     """Generate for an eval split and score: predictions.jsonl, metrics.json, confusion.png."""
     from calltune.evaluate.runner import EvalConfig, evaluate_model
@@ -118,11 +129,17 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
     from calltune.sources import Rejects, load_source
 
     try:
+        if benchmark is not None:
+            if benchmark != "bfcl":
+                raise ValueError(f"--benchmark: unknown benchmark {benchmark!r} (choices: bfcl)")
+            source, data = "bfcl", data or BFCL_EVAL
+        if data is None:
+            raise ValueError("give --data (an eval file or hub id) or --benchmark bfcl")
         rejects = Rejects(output / "rejects.jsonl")
         examples = load_source(source, data, split=split, rejects=rejects, limit=limit)
         rejects.write()
-        metrics = evaluate_model(model, examples, output, EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens),
-                                 fmt=get_format(fmt) if fmt else None)
+        cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, constrained=constrained)
+        metrics = evaluate_model(model, examples, output, cfg, fmt=get_format(fmt) if fmt else None)
     except _user_errors() as err:
         _fail(err)
     console.print_json(json.dumps(metrics))

@@ -53,7 +53,7 @@ def prepare(recipe: Recipe, out: Path):
         result = clean(train_ex, recipe.clean, rejects)
         train_ex, clean_report = result.examples, result.report
     if d.eval:
-        eval_ex = load_source(d.source, d.eval, split=d.eval_split, rejects=rejects)
+        eval_ex = load_source(d.source, d.eval, split=d.eval_split, rejects=rejects, limit=d.eval_limit)
     else:  # seeded split of the cleaned examples, as seed 3's hosted service does (10%)
         train_ex, eval_ex = split_validation(train_ex, d.val_fraction, seed=recipe.train.seed)
     rejects.write()

@@ -31,7 +31,9 @@ class DataConfig(BaseModel):
                                                "cleaned training examples, seeded, as seed 003's service does)")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for eval when `eval` is not given")
     eval_split: str = Field("validation", description="split of a hub dataset for eval")
-    limit: int | None = Field(None, ge=1, description="use only the first N training rows")
+    limit: int | None = Field(None, ge=1, description="use only the first N training rows (per category for bfcl)")
+    eval_limit: int | None = Field(None, ge=1, description="use only the first N rows of `eval` (per category for "
+                                                          "bfcl); ignored when eval is split off the training rows")
 
     @model_validator(mode="after")
     def _train_or_hub(self) -> "DataConfig":
@@ -96,13 +98,19 @@ def _problems(err: ValidationError) -> list[str]:
     return out
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "bfcl-default.yaml"
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Parse and validate a recipe file; `overrides` (dotted keys, e.g. ``train.max_steps``) win.
+
+    `path` None is the embedded default job, `DEFAULT_RECIPE` (fine-tune on BFCL's live categories,
+    evaluate on its non-live ones), shipped inside the package so that `calltune run` needs no file.
 
     Raises:
         RecipeError: file missing, not YAML, or any key unknown or invalid (all listed at once).
     """
-    path = Path(path)
+    path = Path(path) if path is not None else DEFAULT_RECIPE
     if not path.exists():
         raise RecipeError(str(path), ["file not found"])
     try:

@@ -36,6 +36,8 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(128, ge=1, description="generation budget per example")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N examples")
     base: bool = Field(True, description="also evaluate the base model, for the report's comparison")
+    constrained: bool = Field(False, description="constrained decoding (calltune.infer.constrained): each call "
+                                                 "names an offered tool with schema-valid arguments")
 
 
 def _reference(example: Example):
@@ -112,6 +114,7 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
 
     Raises:
         ValueError: neither the model nor the caller gives a format.
+        ConstrainedDecodingError: ``cfg.constrained`` with a format whose call syntax has no grammar.
     """
     cfg = cfg or EvalConfig()
     out_dir = Path(out_dir)
@@ -124,13 +127,21 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
         raise ValueError(f"{model_name} has no saved prompt format; pass one (e.g. --format viggo)")
     prompts = [fmt.prompt(e, tokenizer) for e in examples]
     start = time.perf_counter()
-    generations = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size, progress=True)
+    if cfg.constrained:
+        from calltune.infer.constrained import checked_tool_call_grammar, generate_constrained
+
+        grammars = [checked_tool_call_grammar(tokenizer, fmt, e.tools) if e.tools else None for e in examples]
+        generations = generate_constrained(model, tokenizer, prompts, grammars, max_new_tokens=cfg.max_new_tokens,
+                                           batch_size=cfg.batch_size, progress=True)
+    else:
+        generations = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                               batch_size=cfg.batch_size, progress=True)
     seconds = time.perf_counter() - start
     parsed = [fmt.parse(g.text) for g in generations]
     metrics, per_example = score(fmt, examples, parsed)
     new_tokens = sum(g.completion_tokens for g in generations)
-    metrics.update({"task": "viggo" if fmt.name == "viggo" else "toolcall", "model": str(model_name), "format": fmt.name, "eval_seconds": round(seconds, 2),
+    metrics.update({"task": "viggo" if fmt.name == "viggo" else "toolcall", "model": str(model_name), "format": fmt.name, "constrained": cfg.constrained,
+                    "eval_seconds": round(seconds, 2),
                     "generated_tokens": new_tokens, "generated_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)})
     pairs = []
     with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:

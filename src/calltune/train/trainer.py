@@ -36,13 +36,17 @@ def tokenize_examples(examples: list[Example], fmt: PromptFormat, tokenizer, max
                       rejects: Rejects | None = None, train_on: str = "all") -> list[dict[str, Any]]:
     """Render every example to ``{"input_ids", "labels", "length"}``; labels are -100 where not trained.
 
-    Examples the format can't render, or with no trained token left after truncation to `max_length`,
-    go to `rejects` (stage ``render``) with the reason.
+    An example longer than `max_length` is cut at the end of its last assistant turn that fits whole
+    (a turn cut mid-way would teach the model to stop without its end-of-turn token or inside a call).
+    Examples the format can't render, or with no whole trained turn within `max_length`, go to
+    `rejects` (stage ``render``) with the reason.
     """
     rows = []
     for ex in examples:
         try:
-            ids, mask = fmt.render(ex, tokenizer, max_length=max_length, train_on=train_on)
+            ids, mask = fmt.render(ex, tokenizer, train_on=train_on)
+            rendered = len(ids)
+            ids, mask = _cut_to_whole_turns(ids, mask, max_length)
         except FormatError as err:
             if rejects is None:
                 raise
@@ -50,11 +54,22 @@ def tokenize_examples(examples: list[Example], fmt: PromptFormat, tokenizer, max
             continue
         if not any(mask):
             if rejects is not None:
-                rejects.add(ex.source, ex.row, f"no trained token within max_length={max_length}",
+                rejects.add(ex.source, ex.row, f"{rendered} tokens: no whole assistant turn within max_length={max_length}",
                             json.loads(ex.to_json()), stage="render")
             continue
         rows.append({"input_ids": ids, "labels": [t if m else IGNORE for t, m in zip(ids, mask)], "length": len(ids)})
     return rows
+
+
+def _cut_to_whole_turns(ids: list[int], mask: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Truncate to at most `max_length` tokens without keeping part of a trained span."""
+    if len(ids) <= max_length:
+        return ids, mask
+    end = max_length
+    if mask[end]:  # the cut falls inside a trained span: drop the span's head too
+        while end > 0 and mask[end - 1]:
+            end -= 1
+    return ids[:end], mask[:end]
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""The embedded default job (`calltune run` with no recipe: BFCL live -> BFCL non-live), constrained
+evaluation, and the trainer's cut of over-long examples at whole assistant turns."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from calltune.cli import BFCL_EVAL, app
+from calltune.recipe import DEFAULT_RECIPE, load_recipe, validate_recipe
+from calltune.train.trainer import _cut_to_whole_turns
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_recipe_ships_in_the_package_and_names_real_bfcl_categories():
+    recipe = load_recipe(None)
+    assert recipe.name == "bfcl-default" and recipe.data.source == "bfcl" and recipe.format == "hermes"
+    assert DEFAULT_RECIPE.is_file() and DEFAULT_RECIPE.parent.parent.name == "calltune"
+    assert (ROOT / "recipes" / "bfcl-default.yaml").resolve() == DEFAULT_RECIPE.resolve()
+    train = set(recipe.data.train.split(","))
+    held_out = set(recipe.data.eval.split(","))
+    assert all(c.startswith("live_") for c in train) and "live_irrelevance" in train
+    assert held_out == set(BFCL_EVAL.split(",")) and not train & held_out
+    validate_recipe(DEFAULT_RECIPE)  # every category exists in the installed bfcl-eval
+
+
+def test_cut_to_whole_turns_never_keeps_part_of_a_trained_span():
+    ids = list(range(10))
+    mask = [0, 0, 1, 1, 0, 0, 1, 1, 1, 0]
+    assert _cut_to_whole_turns(ids, mask, 10) == (ids, mask)
+    assert _cut_to_whole_turns(ids, mask, 7) == (ids[:6], mask[:6])  # cut inside the 2nd turn: drop it
+    assert _cut_to_whole_turns(ids, mask, 9) == (ids[:9], mask[:9])  # cut right after a turn: keep it
+    assert _cut_to_whole_turns(ids, mask, 3) == (ids[:2], mask[:2])  # nothing trained left
+
+
+def test_over_long_example_goes_to_rejects_with_its_length(tokenizer):
+    from calltune.formats import get_format
+    from calltune.sources import Rejects
+    from calltune.sources.bfcl import load_bfcl
+    from calltune.train.trainer import tokenize_examples
+
+    examples = load_bfcl("simple_python", limit=2)
+    full = len(get_format("hermes").render(examples[0], tokenizer)[0])
+    rejects = Rejects()
+    rows = tokenize_examples(examples[:1], get_format("hermes"), tokenizer, max_length=full - 3, rejects=rejects)
+    assert rows == [] and len(rejects) == 1
+    assert f"{full} tokens: no whole assistant turn within max_length={full - 3}" in rejects.items[0]["reason"]
+    kept = tokenize_examples(examples[:1], get_format("hermes"), tokenizer, max_length=full, rejects=rejects)
+    trained = [t for t in kept[0]["labels"] if t != -100]
+    assert kept[0]["length"] == full and tokenizer.decode(trained).endswith("</tool_call><|im_end|>")
+
+
+@pytest.mark.slow
+def test_calltune_run_without_a_recipe_runs_the_bfcl_job(tmp_path, smollm2_path):
+    result = CliRunner().invoke(app, ["run", "-o", str(tmp_path), "--set", "data.limit=2", "--set", "data.eval_limit=1",
+                                      "--set", "train.max_steps=1", "--set", "eval.max_new_tokens=24"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["recipe"] == "bfcl-default" and summary["train"]["steps"] == 1
+    data = summary["data"]
+    assert data["loaded_train_examples"] == 10 and data["eval_examples"] == 5  # 2 per live category, 1 per held-out
+    assert data["train_examples"] + data["rejected_rows"] >= data["loaded_train_examples"]
+    for side in ("eval_base", "eval_tuned"):
+        bfcl = summary[side]["bfcl"]
+        assert bfcl["total"] == {c: 1 for c in BFCL_EVAL.split(",")}
+        assert all(0.0 <= a <= 1.0 for a in bfcl["accuracy"].values()) and bfcl["bfcl_version"]
+    report = (tmp_path / "report.md").read_text()
+    assert "BFCL, official AST checker (bfcl-eval " in report
+    assert all(f"| {c} | 1 |" in report for c in BFCL_EVAL.split(","))
+    assert "BFCL, official AST checker" in result.output  # the table is printed too
+    assert json.loads((tmp_path / "model" / "calltune_format.json").read_text())["name"] == "hermes"
+
+
+@pytest.mark.slow
+def test_constrained_evaluation_only_emits_offered_tools_with_valid_arguments(tmp_path, smollm2_path):
+    from calltune.evaluate.runner import EvalConfig, evaluate_model
+    from calltune.formats import get_format
+    from calltune.sources.bfcl import load_bfcl
+
+    examples = load_bfcl("simple_python", limit=4) + load_bfcl("parallel", limit=2)
+    metrics = evaluate_model(smollm2_path, examples, tmp_path, EvalConfig(batch_size=6, max_new_tokens=96, constrained=True),
+                             fmt=get_format("hermes"))
+    assert metrics["constrained"] is True and metrics["n"] == 6
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    calling = [r for r in records if r["parsed"]]
+    offered = [{t.name for t in e.tools} for e in examples]
+    for record, names in zip(records, offered):
+        assert {c["name"] for c in record["parsed"]} <= names
+        if record["parsed"] and record["finish_reason"] == "stop":  # a finished call is schema-valid
+            assert record["scores"]["schema_valid"], record
+
+
+def test_constrained_evaluation_needs_a_format_with_a_call_grammar(tmp_path, smollm2_path, viggo_valid):
+    from calltune.evaluate.runner import EvalConfig, evaluate_model
+    from calltune.formats import get_format
+    from calltune.infer.constrained import ConstrainedDecodingError
+
+    with pytest.raises(ConstrainedDecodingError, match="hermes"):
+        evaluate_model(smollm2_path, viggo_valid[:1], tmp_path, EvalConfig(constrained=True), fmt=get_format("viggo"))

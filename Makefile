@@ -13,4 +13,4 @@ test: install
 	$(PY) -m pytest -q tests
 
 run: install
-	calltune run recipes/viggo-lora.yaml
+	calltune run    # the embedded default job: recipes/bfcl-default.yaml

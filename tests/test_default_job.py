@@ -99,3 +99,20 @@ def test_constrained_evaluation_needs_a_format_with_a_call_grammar(tmp_path, smo
 
     with pytest.raises(ConstrainedDecodingError, match="hermes"):
         evaluate_model(smollm2_path, viggo_valid[:1], tmp_path, EvalConfig(constrained=True), fmt=get_format("viggo"))
+
+
+def test_eval_benchmark_option_errors_name_the_problem(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", "smollm2-135m-instruct", "--benchmark", "bfcl2", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown benchmark 'bfcl2'" in result.output
+    result = runner.invoke(app, ["eval", "smollm2-135m-instruct", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "--benchmark bfcl" in result.output
+
+
+@pytest.mark.slow
+def test_eval_benchmark_bfcl_scores_every_held_out_category(tmp_path, smollm2_path):
+    result = CliRunner().invoke(app, ["eval", "smollm2-135m-instruct", "--benchmark", "bfcl", "--limit", "1",
+                                      "--format", "hermes", "--max-new-tokens", "16", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n"] == 5 and metrics["bfcl"]["total"] == {c: 1 for c in BFCL_EVAL.split(",")}

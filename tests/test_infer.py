@@ -70,3 +70,32 @@ def test_stop_strings_and_sampling(fp32_model, viggo_valid):
     assert len({g.text for g in a}) > 1  # sampled rows differ
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, tokenizer, [prompt, []])
+
+
+@pytest.mark.slow
+def test_gqa_attention_equals_transformers_eager_attention(fp32_model, smollm2_path, viggo_valid):
+    """`gqa_attention` (the inference default) computes what transformers' eager attention does, with
+    left padding and a KV cache, in fp32."""
+    from transformers import DynamicCache
+
+    from calltune.infer.generate import GQA_ATTENTION
+
+    model, tokenizer, _ = fp32_model
+    assert model.config._attn_implementation == GQA_ATTENTION
+    eager, _, _ = load_for_inference(smollm2_path, dtype=torch.float32, attn_implementation="eager")
+    fmt = get_format("viggo")
+    prompts = [fmt.prompt(viggo_valid[i], tokenizer) for i in (0, 5, 9)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = []
+    for m in (model, eager):
+        cache = DynamicCache(config=m.config)
+        first = m(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        step = m(input_ids=first[:, -1].argmax(-1, keepdim=True), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                 position_ids=positions[:, -1:] + 1, past_key_values=cache).logits
+        logits.append((first[mask.bool()], step))
+    assert mask.sum() < mask.numel()  # there is padding
+    torch.testing.assert_close(logits[0][0], logits[1][0], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[0][1], logits[1][1], atol=2e-4, rtol=1e-4)

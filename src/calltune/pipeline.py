@@ -173,6 +173,7 @@ def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str
     t0 = time.perf_counter()
     result = train(recipe.model, train_ex, fmt, recipe.train, out / "model", rejects=rejects)
     rejects.write()
+    counts.update(rejected_rows=len(rejects), rejects_by_reason=rejects.counts)  # plus the rows training could not render
     walls["train"] = time.perf_counter() - t0
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     summary["train"] = {"steps": result.steps, "train_examples": result.train_examples,

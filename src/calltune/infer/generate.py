@@ -37,6 +37,40 @@ def inference_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.backends.mkldnn.is_available() else torch.float32
 
 
+GQA_ATTENTION = "calltune_gqa"
+
+
+def gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """Eager attention for grouped-query models that never copies keys and values per query head.
+
+    A transformers attention function (registered as ``"calltune_gqa"`` with `AttentionInterface`,
+    its mask built by transformers' eager mask): query (B, H, q, D), key and value (B, Hkv, L, D) with
+    H = Hkv * g; returns ((B, q, H, D), None). The g query heads that share a key/value head are
+    stacked into one (g * q)-row matmul, where transformers' eager attention first repeats every key
+    and value g times and PyTorch's CPU SDPA kernel tiles over q: at a decode step (q = 1) on this CPU
+    those cost ~3.4 ms (SDPA) and ~2 ms (eager) per layer for 38 rows of ~100 cached tokens.
+    """
+    b, h, q, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    groups = h // hkv
+    scores = torch.matmul(query.reshape(b, hkv, groups * q, d), key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = (scores.view(b, hkv, groups, q, length) + attention_mask[:, :, None, :, :length]).view(
+            b, hkv, groups * q, length)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).view(b, h, q, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_gqa_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(GQA_ATTENTION, gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_ATTENTION, eager_mask)
+
+
 def _linear_2d(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3 and x.shape[1] == 1:
         return torch.nn.functional.linear(x.reshape(x.shape[0], -1), self.weight, self.bias).unsqueeze(1)
@@ -59,13 +93,18 @@ def fast_decode_linears(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_for_inference(name: str, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
+def load_for_inference(name: str, dtype: torch.dtype | None = None, attn_implementation: str = GQA_ATTENTION):
     """Load `name` (alias, folder, GGUF, hub id or LoRA adapter) for generation.
+
+    `attn_implementation` defaults to `gqa_attention` (registered with transformers here); any
+    transformers name (``sdpa``, ``eager``, ...) works too.
 
     Returns:
         ``(model, tokenizer, fmt)``; `fmt` is the `PromptFormat` saved with the model, or None for a
         model calltune did not train.
     """
+    if attn_implementation == GQA_ATTENTION:
+        _register_gqa_attention()
     model, tokenizer, path = load_model(name, dtype=torch.float32, attn_implementation=attn_implementation)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

@@ -74,22 +74,31 @@ def test_calltune_run_without_a_recipe_runs_the_bfcl_job(tmp_path, smollm2_path)
 
 
 @pytest.mark.slow
-def test_constrained_evaluation_only_emits_offered_tools_with_valid_arguments(tmp_path, smollm2_path):
-    from calltune.evaluate.runner import EvalConfig, evaluate_model
-    from calltune.formats import get_format
-    from calltune.sources.bfcl import load_bfcl
+def test_constrained_evaluation_makes_calls_fit_the_offered_schema(tmp_path, smollm2_path):
+    """The tiny tool-calling adapter learnt ``get_weather({"city": "Paris"})``; offered a get_weather whose
+    schema also requires an integer ``days``, it leaves ``days`` out (schema-invalid) unless constrained."""
+    from toolcall_model import ASK_PARIS, tuned_adapter
 
-    examples = load_bfcl("simple_python", limit=4) + load_bfcl("parallel", limit=2)
-    metrics = evaluate_model(smollm2_path, examples, tmp_path, EvalConfig(batch_size=6, max_new_tokens=96, constrained=True),
-                             fmt=get_format("hermes"))
-    assert metrics["constrained"] is True and metrics["n"] == 6
-    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    calling = [r for r in records if r["parsed"]]
-    offered = [{t.name for t in e.tools} for e in examples]
-    for record, names in zip(records, offered):
-        assert {c["name"] for c in record["parsed"]} <= names
-        if record["parsed"] and record["finish_reason"] == "stop":  # a finished call is schema-valid
-            assert record["scores"]["schema_valid"], record
+    from calltune.evaluate.runner import EvalConfig, evaluate_model
+    from calltune.schema import Example, Message, Tool, ToolCall
+
+    strict = Tool(function={"name": "get_weather", "description": "Current weather of a place.",
+                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                                            "required": ["city", "days"]}})
+    example = Example(messages=[Message(role="user", content=ASK_PARIS),
+                                Message(role="assistant", tool_calls=[ToolCall.of("get_weather", {"city": "Paris", "days": 1})])],
+                      tools=[strict], source="test", row=0)
+    adapter = tuned_adapter(tmp_path)
+    scores = {}
+    for constrained in (False, True):
+        metrics = evaluate_model(adapter, [example], tmp_path / str(constrained),
+                                 EvalConfig(batch_size=1, max_new_tokens=40, constrained=constrained))
+        record = json.loads((tmp_path / str(constrained) / "predictions.jsonl").read_text())
+        assert metrics["constrained"] is constrained and [c["name"] for c in record["parsed"]] == ["get_weather"], record
+        scores[constrained] = (record["scores"]["schema_valid"], record["parsed"][0]["arguments"])
+    assert scores[False] == (False, {"city": "Paris"})  # what the adapter learnt: no days
+    assert scores[True][0] is True and set(scores[True][1]) == {"city", "days"}  # forced into the schema
+    assert isinstance(scores[True][1]["days"], int)
 
 
 def test_constrained_evaluation_needs_a_format_with_a_call_grammar(tmp_path, smollm2_path, viggo_valid):

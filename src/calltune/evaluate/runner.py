@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from calltune.evaluate.metrics import viggo_metrics
 from calltune.evaluate.toolcall_metrics import toolcall_metrics
 from calltune.formats import PromptFormat
-from calltune.infer import generate, load_for_inference
+from calltune.infer import load_for_inference
+from calltune.infer.constrained import checked_tool_call_grammar, generate_constrained
 from calltune.schema import Example
 
 UNPARSEABLE = "(unparseable)"
@@ -127,15 +128,11 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
         raise ValueError(f"{model_name} has no saved prompt format; pass one (e.g. --format viggo)")
     prompts = [fmt.prompt(e, tokenizer) for e in examples]
     start = time.perf_counter()
+    grammars = None  # unconstrained: generate_constrained is plain `generate`
     if cfg.constrained:
-        from calltune.infer.constrained import checked_tool_call_grammar, generate_constrained
-
         grammars = [checked_tool_call_grammar(tokenizer, fmt, e.tools) if e.tools else None for e in examples]
-        generations = generate_constrained(model, tokenizer, prompts, grammars, max_new_tokens=cfg.max_new_tokens,
-                                           batch_size=cfg.batch_size, progress=True)
-    else:
-        generations = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                               batch_size=cfg.batch_size, progress=True)
+    generations = generate_constrained(model, tokenizer, prompts, grammars, max_new_tokens=cfg.max_new_tokens,
+                                       batch_size=cfg.batch_size, progress=True)
     seconds = time.perf_counter() - start
     parsed = [fmt.parse(g.text) for g in generations]
     metrics, per_example = score(fmt, examples, parsed)

@@ -12,9 +12,10 @@ prompt token ids, ViGGO validation prompts rendered by calltune's viggo format (
 system instruction + utterance + the generation prompt), up to ``--max-new-tokens``:
 
 - ``calltune``: `calltune.infer.load_for_inference` and `calltune.infer.generate` as they stand (their
-  docstrings say what they do to be fast: bf16 weights, batches sorted by length, ...), batches of
-  ``--calltune-batch-size`` (default 48, the recipes' ``eval.batch_size``; pass 16 to compare at the
-  baseline's batch), on the first ``--rows`` rows.
+  docstrings say what they do to be fast: bf16 weights, continuous batching, shared-prefix and
+  preallocated key/value caches, ...), up to ``--calltune-batch-size`` rows at once (default 192, the
+  ViGGO recipes' ``eval.batch_size``; pass 16 to compare at the baseline's batch), on the first
+  ``--rows`` rows; the median wall time of ``--repeats`` runs (default 3).
 - ``plain_batched``: ``AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)`` (transformers'
   default attention, SDPA) and ``model.generate`` on batches of ``--batch-size`` (16) in file order,
   left-padded by ``tokenizer.pad``, on the first ``--rows`` rows.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=FULL_VALID, help="validation rows for calltune and plain_batched")
     parser.add_argument("--baseline-rows", type=int, default=64, help="rows for the one-at-a-time baseline")
     parser.add_argument("--batch-size", type=int, default=16, help="batch of the plain batched baseline")
-    parser.add_argument("--calltune-batch-size", type=int, default=48, help="batch of calltune.infer.generate")
+    parser.add_argument("--calltune-batch-size", type=int, default=192,
+                        help="most rows decoding at once in calltune.infer.generate (the ViGGO recipes' eval.batch_size)")
+    parser.add_argument("--repeats", type=int, default=3, help="calltune runs; the median wall time is reported")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--methods", default="calltune,plain_batched,plain_single")
     parser.add_argument("--valid", default=str(DEFAULT_VALID), help="ViGGO valid.csv")
@@ -156,11 +160,16 @@ def main(argv: list[str] | None = None) -> None:
 
     if model is not None:
         generate(model, tokenizer, prompts[:1], max_new_tokens=4)  # warm-up: kernel selection, allocations
-        gens, secs = timed(lambda: generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                            batch_size=args.calltune_batch_size))
+        runs = []
+        for _ in range(max(1, args.repeats)):
+            gens, secs = timed(lambda: generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                                batch_size=args.calltune_batch_size))
+            runs.append(secs)
+            print(f"calltune run {len(runs)}: {secs:.1f} s", flush=True)
+        secs = statistics.median(runs)
         texts["calltune"] = [g.text for g in gens]
         results["calltune"] = method_result(len(prompts), secs, sum(g.completion_tokens for g in gens), load_s,
-                                            batch_size=args.calltune_batch_size,
+                                            batch_size=args.calltune_batch_size, wall_seconds_runs=runs,
                                             stopped=sum(g.finish_reason == "stop" for g in gens))
         print(f"calltune: {results['calltune']['tokens_per_s']:.1f} tokens/s, {secs:.1f} s", flush=True)
         del model

@@ -34,7 +34,7 @@ def _one_at_a_time(model, tokenizer, prompt, max_new_tokens):
 
 @pytest.mark.slow
 def test_batched_prefix_shared_decoding_equals_one_prompt_at_a_time(fp32_model, viggo_valid):
-    """Shared-prefix cache, padding after the prefix and rows leaving the batch change nothing (fp32, greedy).
+    """Shared-prefix cache, padding, rows leaving and joining the batch change nothing (fp32, greedy).
 
     The prompts differ in length (padding), share the instruction (prefix cache) and finish at
     different steps (rows leave the batch); a wrong position id or mask changes the greedy text.
@@ -47,13 +47,15 @@ def test_batched_prefix_shared_decoding_equals_one_prompt_at_a_time(fp32_model, 
     for question in ("What is 2+2? Answer with a number only.", "Say hi."):  # answers that end early
         prompts.append(render_prompt(tokenizer, [{"role": "user", "content": question}]))
     assert len({len(p) for p in prompts}) > 1
-    got = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=len(prompts))
-    for prompt, gen in zip(prompts, got):
-        text, stopped = _one_at_a_time(model, tokenizer, prompt, 24)
-        assert gen.text == text
-        assert gen.finish_reason == ("stop" if stopped else "length")
-        assert gen.prompt_tokens == len(prompt)
-    assert {g.finish_reason for g in got} == {"stop", "length"}  # rows left the batch at different steps
+    alone = [_one_at_a_time(model, tokenizer, prompt, 24) for prompt in prompts]
+    # all rows at once; then 3 slots for 8 prompts, so prompts join as rows finish (continuous batching)
+    for batch_size in (len(prompts), 3):
+        got = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=batch_size)
+        for prompt, gen, (text, stopped) in zip(prompts, got, alone):
+            assert gen.text == text
+            assert gen.finish_reason == ("stop" if stopped else "length")
+            assert gen.prompt_tokens == len(prompt)
+        assert {g.finish_reason for g in got} == {"stop", "length"}  # rows left the batch at different steps
 
 
 @pytest.mark.slow

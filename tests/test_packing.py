@@ -69,3 +69,16 @@ def test_packing_without_restarting_positions_changes_the_loss(model_and_rows):
     broken_loss, _ = loss_of(model, broken)
     # Later examples now attend to earlier ones and sit at shifted positions: a visibly different loss.
     assert abs(broken_loss - packed_loss) > 20 * REL * packed_loss
+
+
+def test_flush_denormals_turns_denormal_results_into_zero():
+    from calltune.train.trainer import flush_denormals
+
+    tiny = torch.tensor([1e-30], dtype=torch.float32)
+    try:
+        torch.set_flush_denormal(False)
+        assert float(tiny * 1e-10) > 0  # 1e-40 is a denormal fp32 number, kept by default
+        assert flush_denormals()
+        assert float(tiny * 1e-10) == 0.0
+    finally:
+        torch.set_flush_denormal(False)  # as a plain Python process starts

@@ -83,6 +83,19 @@ def test_tool_call_grammar(tokenizer, mode, parallel, text, ok):
     assert _accepts(tokenizer, grammar, text) is ok
 
 
+def test_a_grammar_compiles_once_and_every_matcher_has_its_own_state(tokenizer):
+    grammar = cd.tool_call_grammar(get_format("hermes"), TOOLS, "required")
+    first = cd.compile_grammar(tokenizer, grammar)
+    cached = cd._COMPILED[(id(tokenizer), grammar)]
+    second = cd.compile_grammar(tokenizer, grammar)
+    assert cd._COMPILED[(id(tokenizer), grammar)] is cached and second is not first
+    ids = tokenizer(CALL_PARIS, add_special_tokens=False)["input_ids"]
+    assert first.consume_tokens(ids) and first.is_accepting()
+    assert not second.is_accepting()  # untouched by `first`: a required call is still to come
+    assert second.consume_tokens(ids) and second.is_accepting()
+    assert not cd.compile_grammar(tokenizer, grammar).is_accepting()  # nor is the cached one
+
+
 def test_no_call_grammar_allows_text_only(tokenizer):
     grammar = cd.no_call_grammar(get_format("hermes"))
     assert _accepts(tokenizer, grammar, "It is sunny.\nNo <tool> here.")

@@ -22,6 +22,7 @@ from calltune.recipe import Recipe
 from calltune.sources import Rejects, load_source
 from calltune.sources.clean import clean, split_validation
 from calltune.train import train
+from calltune.train.trainer import release_freed_memory
 
 METRIC_ROWS = {
     "viggo": [("function_name_accuracy", "Function Name Accuracy"), ("attribute_set_accuracy", "Attribute Set Accuracy"),
@@ -180,6 +181,7 @@ def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str
                         "seconds": result.train_seconds, "tokens_seen": result.tokens_seen,
                         "tokens_per_s": result.tokens_per_s, "final_loss": losses[-1] if losses else None}
     loss_png(result.log_history, out / "loss.png", f"{recipe.name}: training loss")
+    release_freed_memory()
 
     t0 = time.perf_counter()
     summary["eval_tuned"] = evaluate_model(str(out / "model"), eval_ex, out / "eval-tuned", recipe.eval, fmt=fmt)

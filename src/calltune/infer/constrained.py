@@ -151,19 +151,37 @@ def ll_tokenizer(tokenizer):
         return _TOKENIZERS[key][1]
 
 
+_COMPILED: dict[tuple[int, str], Any] = {}  # (id(tokenizer), grammar text) -> a matcher never advanced
+_COMPILED_MAX = 256
+
+
 def compile_grammar(tokenizer, grammar: str):
-    """A fresh `LLMatcher` for `grammar`; raises ConstrainedDecodingError if it does not compile."""
+    """A fresh `LLMatcher` for `grammar`; raises ConstrainedDecodingError if it does not compile.
+
+    Each grammar text is compiled once per tokenizer (checking a request's grammar and decoding
+    under it used to compile it twice); later calls return a deep copy of that untouched matcher,
+    so every caller gets its own decoding state. The most recent 256 grammars are kept.
+    """
     llguidance = _require()
     lt = ll_tokenizer(tokenizer)
-    if not grammar.lstrip().startswith("{"):  # Lark text -> llguidance's JSON grammar
-        grammar = llguidance.LLMatcher.grammar_from_lark(grammar)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lt)
-    if is_error:
-        raise ConstrainedDecodingError(f"grammar does not compile: {messages[0] if messages else '?'}")
-    matcher = llguidance.LLMatcher(lt, grammar, log_level=0)
-    if matcher.is_error():
-        raise ConstrainedDecodingError(f"grammar does not compile: {matcher.get_error()}")
-    return matcher
+    key = (id(tokenizer), grammar)
+    with _TOKENIZERS_LOCK:
+        pristine = _COMPILED.get(key)
+    if pristine is None:
+        text = grammar
+        if not text.lstrip().startswith("{"):  # Lark text -> llguidance's JSON grammar
+            text = llguidance.LLMatcher.grammar_from_lark(text)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, lt)
+        if is_error:
+            raise ConstrainedDecodingError(f"grammar does not compile: {messages[0] if messages else '?'}")
+        pristine = llguidance.LLMatcher(lt, text, log_level=0)
+        if pristine.is_error():
+            raise ConstrainedDecodingError(f"grammar does not compile: {pristine.get_error()}")
+        with _TOKENIZERS_LOCK:
+            while len(_COMPILED) >= _COMPILED_MAX:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = pristine
+    return pristine.deep_copy()
 
 
 def checked_tool_call_grammar(tokenizer, fmt: PromptFormat, tools: list[Tool], mode: Mode = "auto",

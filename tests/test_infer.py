@@ -74,12 +74,27 @@ def test_stop_strings_and_sampling(fp32_model, viggo_valid):
         generate(model, tokenizer, [prompt, []])
 
 
+def _prefill_and_one_step(model, tokenizer, prompts):
+    """Logits of `prompts` left-padded into one batch: at every real prompt position (prefill) and at
+    one greedy decode step through the key/value cache; plus the attention mask used."""
+    from transformers import DynamicCache
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        step = model(input_ids=first[:, -1].argmax(-1, keepdim=True), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                     position_ids=positions[:, -1:] + 1, past_key_values=cache).logits
+    return first[mask.bool()], step, mask
+
+
 @pytest.mark.slow
 def test_gqa_attention_equals_transformers_eager_attention(fp32_model, smollm2_path, viggo_valid):
     """`gqa_attention` (the inference default) computes what transformers' eager attention does, with
     left padding and a KV cache, in fp32."""
-    from transformers import DynamicCache
-
     from calltune.infer.generate import GQA_ATTENTION
 
     model, tokenizer, _ = fp32_model
@@ -87,17 +102,8 @@ def test_gqa_attention_equals_transformers_eager_attention(fp32_model, smollm2_p
     eager, _, _ = load_for_inference(smollm2_path, dtype=torch.float32, attn_implementation="eager")
     fmt = get_format("viggo")
     prompts = [fmt.prompt(viggo_valid[i], tokenizer) for i in (0, 5, 9)]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = []
-    for m in (model, eager):
-        cache = DynamicCache(config=m.config)
-        first = m(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
-        step = m(input_ids=first[:, -1].argmax(-1, keepdim=True), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
-                 position_ids=positions[:, -1:] + 1, past_key_values=cache).logits
-        logits.append((first[mask.bool()], step))
+    logits = [_prefill_and_one_step(m, tokenizer, prompts) for m in (model, eager)]
+    mask = logits[0][2]
     assert mask.sum() < mask.numel()  # there is padding
     torch.testing.assert_close(logits[0][0], logits[1][0], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(logits[0][1], logits[1][1], atol=2e-4, rtol=1e-4)
@@ -112,17 +118,8 @@ def test_fast_decode_linears_keep_the_logits_of_plain_transformers(fp32_model, s
     model, tokenizer, _ = fp32_model
     plain, _, _ = load_model(smollm2_path, dtype=torch.float32, attn_implementation="eager")
     prompts = [get_format("viggo").prompt(viggo_valid[i], tokenizer) for i in (1, 2)]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    results = []
-    with torch.no_grad():
-        for m in (model, plain):
-            out = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            step = m(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
-                     position_ids=positions[:, -1:] + 1, past_key_values=out.past_key_values).logits
-            results.append((out.logits[mask.bool()], step))
+    results = [_prefill_and_one_step(m, tokenizer, prompts) for m in (model, plain)]
+    mask = results[0][2]
     assert mask.sum() < mask.numel()  # there is padding
     torch.testing.assert_close(results[0][0], results[1][0], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(results[0][1], results[1][1], atol=2e-4, rtol=1e-4)

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from calltune.formats import PromptFormat, load_format
+from calltune.formats import load_format
 from calltune.models import load_model
 
 

@@ -29,6 +29,7 @@ the model was trained on. Modes:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import threading
@@ -111,7 +112,7 @@ def tool_call_grammar(fmt: PromptFormat, tools: list[Tool], mode: Mode = "auto",
         raise ConstrainedDecodingError("a tool-call grammar needs at least one tool")
     schema = call_schema(tools, getattr(fmt, "_render_name", lambda name: name), loose=loose)
     more = '("\\n<tool_call>" body)*' if parallel else ""
-    rules = [f"body: \"\\n\" call \"\\n</tool_call>\"", f"call: %json {json.dumps(schema)}"]
+    rules = ["body: \"\\n\" call \"\\n</tool_call>\"", f"call: %json {json.dumps(schema)}"]
     if mode == "required":
         start = f'start: "<tool_call>" body {more}'
     else:  # text, or text then calls: the lazy trigger ends TEXT at the first "<tool_call>"
@@ -151,37 +152,32 @@ def ll_tokenizer(tokenizer):
         return _TOKENIZERS[key][1]
 
 
-_COMPILED: dict[tuple[int, str], Any] = {}  # (id(tokenizer), grammar text) -> a matcher never advanced
-_COMPILED_MAX = 256
+@functools.lru_cache(maxsize=256)
+def _pristine_matcher(tokenizer, grammar: str):
+    """`grammar` compiled against `tokenizer` into a matcher that is never advanced (the 256 most recent)."""
+    llguidance = _require()
+    lt = ll_tokenizer(tokenizer)
+    text = grammar
+    if not text.lstrip().startswith("{"):  # Lark text -> llguidance's JSON grammar
+        text = llguidance.LLMatcher.grammar_from_lark(text)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, lt)
+    if is_error:
+        raise ConstrainedDecodingError(f"grammar does not compile: {messages[0] if messages else '?'}")
+    matcher = llguidance.LLMatcher(lt, text, log_level=0)
+    if matcher.is_error():
+        raise ConstrainedDecodingError(f"grammar does not compile: {matcher.get_error()}")
+    return matcher
 
 
 def compile_grammar(tokenizer, grammar: str):
     """A fresh `LLMatcher` for `grammar`; raises ConstrainedDecodingError if it does not compile.
 
     Each grammar text is compiled once per tokenizer (checking a request's grammar and decoding
-    under it used to compile it twice); later calls return a deep copy of that untouched matcher,
-    so every caller gets its own decoding state. The most recent 256 grammars are kept.
+    under it used to compile it twice); every call returns a deep copy of that untouched matcher,
+    so every caller gets its own decoding state. The most recent 256 grammars are kept; a grammar
+    that fails to compile is not cached.
     """
-    llguidance = _require()
-    lt = ll_tokenizer(tokenizer)
-    key = (id(tokenizer), grammar)
-    with _TOKENIZERS_LOCK:
-        pristine = _COMPILED.get(key)
-    if pristine is None:
-        text = grammar
-        if not text.lstrip().startswith("{"):  # Lark text -> llguidance's JSON grammar
-            text = llguidance.LLMatcher.grammar_from_lark(text)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, lt)
-        if is_error:
-            raise ConstrainedDecodingError(f"grammar does not compile: {messages[0] if messages else '?'}")
-        pristine = llguidance.LLMatcher(lt, text, log_level=0)
-        if pristine.is_error():
-            raise ConstrainedDecodingError(f"grammar does not compile: {pristine.get_error()}")
-        with _TOKENIZERS_LOCK:
-            while len(_COMPILED) >= _COMPILED_MAX:
-                _COMPILED.pop(next(iter(_COMPILED)))
-            _COMPILED[key] = pristine
-    return pristine.deep_copy()
+    return _pristine_matcher(tokenizer, grammar).deep_copy()
 
 
 def checked_tool_call_grammar(tokenizer, fmt: PromptFormat, tools: list[Tool], mode: Mode = "auto",

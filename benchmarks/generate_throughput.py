@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     from calltune.formats import get_format, load_format
     from calltune.infer.generate import generate, load_for_inference
     from calltune.models import resolve_model
+    from calltune.runtime import keep_freed_memory
     from calltune.sources import load_source
+
+    keep_freed_memory()  # as `calltune eval` does
 
     path = resolve_model(args.model)
     examples = load_source("viggo", args.valid)[:args.rows]

@@ -56,6 +56,13 @@ def test_batched_prefix_shared_decoding_equals_one_prompt_at_a_time(fp32_model, 
             assert gen.finish_reason == ("stop" if stopped else "length")
             assert gen.prompt_tokens == len(prompt)
         assert {g.finish_reason for g in got} == {"stop", "length"}  # rows left the batch at different steps
+    # The ViGGO prompts alone share their whole 53-token instruction: it is computed once per call and
+    # read by every row through gqa_attention's calltune_prefix (cascade attention), not kept per row.
+    viggo = prompts[:5]
+    assert _common_prefix(viggo) == 53
+    for batch_size in (5, 2):
+        got = generate(model, tokenizer, viggo, max_new_tokens=24, batch_size=batch_size)
+        assert [g.text for g in got] == [text for text, _ in alone[:5]]
 
 
 @pytest.mark.slow

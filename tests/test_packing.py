@@ -72,7 +72,7 @@ def test_packing_without_restarting_positions_changes_the_loss(model_and_rows):
 
 
 def test_flush_denormals_turns_denormal_results_into_zero():
-    from calltune.train.trainer import flush_denormals
+    from calltune.runtime import flush_denormals
 
     tiny = torch.tensor([1e-30], dtype=torch.float32)
     try:

@@ -126,8 +126,10 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
     """Generate for an eval split and score: predictions.jsonl, metrics.json, confusion.png."""
     from calltune.evaluate.runner import EvalConfig, evaluate_model
     from calltune.formats import get_format
+    from calltune.runtime import keep_freed_memory
     from calltune.sources import Rejects, load_source
 
+    keep_freed_memory()
     try:
         if benchmark is not None:
             if benchmark != "bfcl":
@@ -256,8 +258,10 @@ def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alia
                                            help="constrain tool calls to the offered tools and their JSON Schemas"),
           max_tokens: int = typer.Option(512, "--max-tokens", help="completion length when a request sets none")):
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models (use with the openai client)."""
+    from calltune.runtime import keep_freed_memory
     from calltune.serve import run as run_server
 
+    keep_freed_memory()
     try:
         models = _served_models(model, named)
         console.print(f"serving {', '.join(models)} on http://{host}:{port}/v1"
@@ -321,11 +325,9 @@ def export(model: str = typer.Argument(..., help="model or LoRA adapter folder")
 
 
 def main() -> None:
-    import torch
+    from calltune.runtime import flush_denormals
 
-    # Before PyTorch starts its worker threads, which copy the setting: see flush_denormals in
-    # calltune.train.trainer (training slowed ~1.5x per step as its loss fell, from denormal floats).
-    torch.set_flush_denormal(True)
+    flush_denormals()  # before PyTorch starts its worker threads, which copy the setting
     app()
 
 

@@ -22,7 +22,7 @@ from calltune.recipe import Recipe
 from calltune.sources import Rejects, load_source
 from calltune.sources.clean import clean, split_validation
 from calltune.train import train
-from calltune.train.trainer import release_freed_memory
+from calltune.runtime import keep_freed_memory, release_freed_memory
 
 METRIC_ROWS = {
     "viggo": [("function_name_accuracy", "Function Name Accuracy"), ("attribute_set_accuracy", "Attribute Set Accuracy"),
@@ -182,6 +182,7 @@ def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str
                         "tokens_per_s": result.tokens_per_s, "final_loss": losses[-1] if losses else None}
     loss_png(result.log_history, out / "loss.png", f"{recipe.name}: training loss")
     release_freed_memory()
+    keep_freed_memory()  # training is over: generation reuses freed blocks instead of faulting in new ones
 
     t0 = time.perf_counter()
     summary["eval_tuned"] = evaluate_model(str(out / "model"), eval_ex, out / "eval-tuned", recipe.eval, fmt=fmt)

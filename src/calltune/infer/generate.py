@@ -41,7 +41,8 @@ GQA_ATTENTION = "calltune_gqa"
 
 
 def gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+                  attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                  calltune_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs):
     """Eager attention for grouped-query models that never copies keys and values per query head.
 
     A transformers attention function (registered as ``"calltune_gqa"`` with `AttentionInterface`,
@@ -50,17 +51,36 @@ def gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     stacked into one (g * q)-row matmul, where transformers' eager attention first repeats every key
     and value g times and PyTorch's CPU SDPA kernel tiles over q: at a decode step (q = 1) on this CPU
     those cost ~3.4 ms (SDPA) and ~2 ms (eager) per layer for 38 rows of ~100 cached tokens.
+
+    `calltune_prefix` (passed through the model's forward kwargs by `generate`): per layer, the keys
+    and values (1, Hkv, P, D) of a prefix that comes before every row's own `key`/`value` and that
+    every query sees whole (cascade attention, as in FlashInfer). Its scores for all B rows come from
+    one (B * g * q)-row matmul per key/value head, so the P prefix columns are stored and read once
+    rather than once per row; the softmax runs over prefix and row columns together, so the result is
+    that of attending to the concatenated keys. `attention_mask` covers the row columns only.
     """
     b, h, q, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     groups = h // hkv
-    scores = torch.matmul(query.reshape(b, hkv, groups * q, d), key.transpose(2, 3)) * scaling
+    query = query.reshape(b, hkv, groups * q, d)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = (scores.view(b, hkv, groups, q, length) + attention_mask[:, :, None, :, :length]).view(
             b, hkv, groups * q, length)
+    if calltune_prefix is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(probs, value).view(b, h, q, d)
+        return out.transpose(1, 2).contiguous(), None
+    prefix_keys, prefix_values = calltune_prefix[module.layer_idx]
+    shared = prefix_keys.shape[2]
+    by_head = query.transpose(0, 1).reshape(hkv, b * groups * q, d)  # (Hkv, B*g*q, D)
+    prefix_scores = torch.matmul(by_head, prefix_keys[0].transpose(1, 2)) * scaling  # (Hkv, B*g*q, P)
+    scores = torch.cat([prefix_scores.view(hkv, b, groups * q, shared).transpose(0, 1), scores], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs, value).view(b, h, q, d)
-    return out.transpose(1, 2).contiguous(), None
+    out = torch.matmul(probs[..., shared:], value)  # (B, Hkv, g*q, D)
+    prefix_probs = probs[..., :shared].transpose(0, 1).reshape(hkv, b * groups * q, shared)
+    out += torch.matmul(prefix_probs, prefix_values[0]).view(hkv, b, groups * q, d).transpose(0, 1)
+    return out.view(b, h, q, d).transpose(1, 2).contiguous(), None
 
 
 def _register_gqa_attention() -> None:
@@ -216,9 +236,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
     run at a full batch until the prompts run out (what serving engines such as vLLM and TGI do).
     Further savings (measured in ``benchmarks/generate_throughput.py``):
 
-    - **shared prefix**: the prompts that join together usually share a long prefix (the system
-      prompt, the instruction, the tools). Its key/value cache is computed once, at batch size 1, and
-      repeated; only the rest of each prompt is prefilled (for ViGGO 53 of 89 tokens are shared);
+    - **shared prefix**: prompts usually share a long prefix (the system prompt, the instruction, the
+      tools; for ViGGO 53 of 89 tokens). The prefix common to *all* prompts is computed once per call,
+      at batch size 1, and kept once: `gqa_attention` reads it for every row as a separate block
+      (cascade attention), so the rows' cache holds only what follows it. A longer prefix shared by
+      the prompts that join together is computed once per join and repeated into their rows. Only
+      the rest of each prompt is prefilled;
     - **preallocated cache** (`SlotLayer`): decode steps write keys and values in place;
     - only the last position's logits are computed in the prefill (``logits_to_keep=1``).
 
@@ -292,7 +315,8 @@ class _Decoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.pending = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[::-1]  # pop() = shortest
-        longest = max(len(p) for p in prompts) + max(max_new_tokens, 0)  # columns any row can need
+        self.prefix, self.prefix_len = self._prefix_cache(prompts)
+        longest = max(len(p) for p in prompts) - self.prefix_len + max(max_new_tokens, 0)  # columns any row can need
         self.max_width = -(-longest // WIDTH_STEP) * WIDTH_STEP
         self.cache = Cache(layers=[SlotLayer() for _ in range(model.config.num_hidden_layers)])
         self.valid = torch.zeros((capacity, self.max_width), dtype=torch.bool, device=self.device)  # holds a token
@@ -309,6 +333,24 @@ class _Decoder:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=len(prompts), desc="generate", unit="ex")
+
+    def _prefix_cache(self, prompts: list[list[int]]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]:
+        """Keys and values (per layer, each (1, kv_heads, P, head_dim)) of the P tokens every prompt starts
+        with, computed once at batch size 1, and P; (None, 0) when there are none or the model's attention
+        is not `gqa_attention` (the only one that reads them, through its ``calltune_prefix`` argument)."""
+        from transformers import DynamicCache
+
+        shared = _common_prefix(prompts)
+        if not shared or getattr(self.model.config, "_attn_implementation", None) != GQA_ATTENTION:
+            return None, 0
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device), past_key_values=cache,
+                   use_cache=True, logits_to_keep=1)
+        return [(layer.keys, layer.values) for layer in cache.layers], shared
+
+    def _extra(self) -> dict:
+        """Forward kwargs that hand the prompts' common prefix to `gqa_attention`."""
+        return {"calltune_prefix": self.prefix} if self.prefix is not None else {}
 
     def run(self) -> list[Generation]:
         if self.streamer is not None:
@@ -366,12 +408,15 @@ class _Decoder:
         from transformers import DynamicCache
 
         rows = [self.pending.pop() for _ in range(k)]
-        prompts = [self.prompts[i] for i in rows]
+        start = self.prefix_len  # the common prefix of all prompts is in self.prefix, not in the rows' cache
+        prompts = [self.prompts[i][start:] for i in rows]
         shared = _common_prefix(prompts)
         cache = DynamicCache(config=self.model.config)
-        if shared:  # the shared prefix once, at batch size 1, then repeated for every row
-            self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device), past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
+        if shared:  # the prefix these prompts share once, at batch size 1, then repeated for every row
+            self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device),
+                       attention_mask=torch.ones((1, shared), dtype=torch.long, device=self.device),
+                       position_ids=torch.arange(start, start + shared, device=self.device)[None],
+                       past_key_values=cache, use_cache=True, logits_to_keep=1, **self._extra())
             if k > 1:
                 cache.batch_repeat_interleave(k)
         # The rest of each prompt, left-padded after the prefix: [prefix][pad...][rest].
@@ -382,9 +427,9 @@ class _Decoder:
             ids[j, width - (len(p) - shared):] = torch.tensor(p[shared:])
             rest_mask[j, width - (len(p) - shared):] = 1
         attention = torch.cat([torch.ones((k, shared), dtype=torch.long), rest_mask], dim=1).to(self.device)
-        positions = (shared + rest_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
+        positions = (start + shared + rest_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
         out = self.model(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1, **self._extra())
         first = len(self.rows)
         if not self.cache.layers[0].is_initialized:
             for slot_layer, layer in zip(self.cache.layers, cache.layers):
@@ -454,7 +499,7 @@ class _Decoder:
             layer.rows_live, layer.columns = n, columns
         out = self.model(input_ids=chosen[:, None], attention_mask=mask,
                          position_ids=torch.tensor(self.positions, device=self.device)[:, None],
-                         past_key_values=self.cache, use_cache=True)
+                         past_key_values=self.cache, use_cache=True, **self._extra())
         self.scores = out.logits[:, -1]  # argmax needs no fp32 copy; sampling converts
         self.columns = [c + 1 for c in self.columns]
         self.positions = [p + 1 for p in self.positions]

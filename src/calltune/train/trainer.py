@@ -28,6 +28,7 @@ from calltune.formats import FormatError, PromptFormat, save_format
 from calltune.models import load_model
 from calltune.schema import Example
 from calltune.sources.base import Rejects
+from calltune.runtime import _libc, flush_denormals
 from calltune.train.config import TrainConfig
 
 IGNORE = -100
@@ -188,46 +189,6 @@ class CalltuneTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def flush_denormals() -> bool:
-    """Make this thread, and the threads it starts later, treat denormal floats as zero (FTZ/DAZ).
-
-    As training drives the loss down, softmax probabilities and gradients underflow into the
-    denormal range, which x86 CPUs compute tens of times slower than normal floats: a full ViGGO
-    run slowed from ~7 to ~11 s per step over its epoch. Measured here (forward + backward + AdamW
-    step of 5 packed batches of 16 ViGGO rows, 2026-11-23): 232 tokens/s for the fully trained model
-    without, 262 with (the base model: 257). Values below 1.2e-38 (fp32 and bf16 share that range)
-    become 0, far below anything that moves a weight update. `calltune` calls it at start-up, before PyTorch starts its worker threads (which
-    copy the setting when they are created); `train` calls it again. Returns whether the CPU
-    supports it.
-    """
-    return torch.set_flush_denormal(True)
-
-
-def _malloc_trim():
-    """glibc's `malloc_trim`, or None where glibc is not the C library."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and hand the memory PyTorch freed back to the OS (glibc `malloc_trim`).
-
-    `run_recipe` calls it between training and the tuned model's evaluation, so the evaluation does
-    not start in a heap left fragmented by a training run.
-    """
-    import gc
-
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 class ReleaseFreedMemory(TrainerCallback):
     """Every `every` steps, hand memory freed by PyTorch back to the OS (glibc `malloc_trim`).
 
@@ -238,11 +199,11 @@ class ReleaseFreedMemory(TrainerCallback):
 
     def __init__(self, every: int = 10):
         self.every = every
-        self._trim = _malloc_trim()
+        self._libc = _libc()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._trim is not None and state.global_step % self.every == 0:
-            self._trim(0)
+        if self._libc is not None and state.global_step % self.every == 0:
+            self._libc.malloc_trim(0)
 
 
 class _ListDataset(torch.utils.data.Dataset):

@@ -130,3 +130,19 @@ def test_fast_decode_linears_keep_the_logits_of_plain_transformers(fp32_model, s
     assert mask.sum() < mask.numel()  # there is padding
     torch.testing.assert_close(results[0][0], results[1][0], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(results[0][1], results[1][1], atol=2e-4, rtol=1e-4)
+
+
+def test_a_model_that_drops_the_shared_prefix_is_refused(fp32_model, viggo_valid, monkeypatch):
+    """If a model's forward did not hand `calltune_prefix` to its attention layers, rows would attend to
+    nothing of the instruction and generate garbage silently; `generate` raises instead."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from calltune.infer.generate import GQA_ATTENTION, gqa_attention
+
+    model, tokenizer, _ = fp32_model
+    prompts = [get_format("viggo").prompt(viggo_valid[i], tokenizer) for i in (0, 1)]
+    assert len(generate(model, tokenizer, prompts, max_new_tokens=2)) == 2
+    dropping = lambda *args, calltune_prefix=None, **kwargs: gqa_attention(*args, **kwargs)  # noqa: E731
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, GQA_ATTENTION, dropping)
+    with pytest.raises(RuntimeError, match="did not pass the shared prefix"):
+        generate(model, tokenizer, prompts, max_new_tokens=2)

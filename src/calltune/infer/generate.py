@@ -302,6 +302,17 @@ def _choose(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Ten
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
+class _SharedPrefix(list):
+    """Per layer, the (keys, values) of the prompts' common prefix; `reads` counts the lookups, so the
+    decoder can check that the model handed its ``calltune_prefix`` kwarg to every attention layer."""
+
+    reads = 0
+
+    def __getitem__(self, layer):
+        self.reads += 1
+        return super().__getitem__(layer)
+
+
 class _Decoder:
     """State of one `generate` call: the slot cache, the live rows (slot order) and the prompts to come."""
 
@@ -346,7 +357,7 @@ class _Decoder:
         cache = DynamicCache(config=self.model.config)
         self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device), past_key_values=cache,
                    use_cache=True, logits_to_keep=1)
-        return [(layer.keys, layer.values) for layer in cache.layers], shared
+        return _SharedPrefix((layer.keys, layer.values) for layer in cache.layers), shared
 
     def _extra(self) -> dict:
         """Forward kwargs that hand the prompts' common prefix to `gqa_attention`."""
@@ -428,8 +439,13 @@ class _Decoder:
             rest_mask[j, width - (len(p) - shared):] = 1
         attention = torch.cat([torch.ones((k, shared), dtype=torch.long), rest_mask], dim=1).to(self.device)
         positions = (start + shared + rest_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
+        reads = self.prefix.reads if self.prefix is not None else 0
         out = self.model(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1, **self._extra())
+        if self.prefix is not None and self.prefix.reads - reads != len(self.prefix):
+            raise RuntimeError(f"{type(self.model).__name__} did not pass the shared prefix to each of its attention "
+                               f"layers (its forward drops attention kwargs); load it with "
+                               f"attn_implementation='sdpa' to generate without the shared-prefix cache")
         first = len(self.rows)
         if not self.cache.layers[0].is_initialized:
             for slot_layer, layer in zip(self.cache.layers, cache.layers):

@@ -1,7 +1,7 @@
 """Process-wide CPU runtime settings: denormal flushing and glibc's allocator thresholds.
 
-Owns `flush_denormals` (training and start-up), `keep_freed_memory` (generation) and
-`release_freed_memory` (between pipeline stages). Light on purpose: the CLI calls these at start-up,
+Owns `flush_denormals` (training and start-up), `keep_freed_memory` (generation), `malloc_trim`
+(during training) and `release_freed_memory` (between pipeline stages). Light on purpose: the CLI calls these at start-up,
 before the heavy training and inference modules are imported.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 
 import torch
@@ -18,8 +19,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.cache
 def _libc():
-    """glibc, or None where glibc is not the C library (`mallopt`, `malloc_trim` missing)."""
+    """glibc (loaded once), or None where glibc is not the C library (`mallopt`, `malloc_trim` missing)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
@@ -68,13 +70,17 @@ def keep_freed_memory() -> bool:
         libc.mallopt(_M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
 
 
+def malloc_trim() -> bool:
+    """Hand the memory freed inside glibc's heap back to the OS; False where glibc is not the C library."""
+    libc = _libc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
 def release_freed_memory() -> None:
-    """Collect garbage and hand the memory PyTorch freed back to the OS (glibc `malloc_trim`).
+    """Collect garbage and hand the memory PyTorch freed back to the OS (`malloc_trim`).
 
     `run_recipe` calls it between training and the tuned model's evaluation, so the evaluation does
     not start in a heap left fragmented by a training run. A no-op where glibc is not the C library.
     """
     gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    malloc_trim()

@@ -326,6 +326,7 @@ class _Decoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.pending = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[::-1]  # pop() = shortest
+        self.prefix, self.prefix_len = None, 0
         self.prefix, self.prefix_len = self._prefix_cache(prompts)
         longest = max(len(p) for p in prompts) - self.prefix_len + max(max_new_tokens, 0)  # columns any row can need
         self.max_width = -(-longest // WIDTH_STEP) * WIDTH_STEP
@@ -355,9 +356,16 @@ class _Decoder:
         if not shared or getattr(self.model.config, "_attn_implementation", None) != GQA_ATTENTION:
             return None, 0
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device), past_key_values=cache,
-                   use_cache=True, logits_to_keep=1)
+        self._prefill_one(prompts[0][:shared], 0, cache)
         return _SharedPrefix((layer.keys, layer.values) for layer in cache.layers), shared
+
+    def _prefill_one(self, tokens: list[int], start: int, cache) -> None:
+        """Run `tokens`, at positions start.., at batch size 1 into `cache` (a prefix to be shared)."""
+        n = len(tokens)
+        self.model(input_ids=torch.tensor([tokens], device=self.device),
+                   attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
+                   position_ids=torch.arange(start, start + n, device=self.device)[None],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1, **self._extra())
 
     def _extra(self) -> dict:
         """Forward kwargs that hand the prompts' common prefix to `gqa_attention`."""
@@ -424,10 +432,7 @@ class _Decoder:
         shared = _common_prefix(prompts)
         cache = DynamicCache(config=self.model.config)
         if shared:  # the prefix these prompts share once, at batch size 1, then repeated for every row
-            self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device),
-                       attention_mask=torch.ones((1, shared), dtype=torch.long, device=self.device),
-                       position_ids=torch.arange(start, start + shared, device=self.device)[None],
-                       past_key_values=cache, use_cache=True, logits_to_keep=1, **self._extra())
+            self._prefill_one(prompts[0][:shared], start, cache)
             if k > 1:
                 cache.batch_repeat_interleave(k)
         # The rest of each prompt, left-padded after the prefix: [prefix][pad...][rest].

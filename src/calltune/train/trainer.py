@@ -26,9 +26,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from calltune.formats import FormatError, PromptFormat, save_format
 from calltune.models import load_model
+from calltune.runtime import flush_denormals, malloc_trim
 from calltune.schema import Example
 from calltune.sources.base import Rejects
-from calltune.runtime import _libc, flush_denormals
 from calltune.train.config import TrainConfig
 
 IGNORE = -100
@@ -199,11 +199,10 @@ class ReleaseFreedMemory(TrainerCallback):
 
     def __init__(self, every: int = 10):
         self.every = every
-        self._libc = _libc()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._libc is not None and state.global_step % self.every == 0:
-            self._libc.malloc_trim(0)
+        if state.global_step % self.every == 0:
+            malloc_trim()
 
 
 class _ListDataset(torch.utils.data.Dataset):

@@ -13,7 +13,7 @@ system instruction + utterance + the generation prompt), up to ``--max-new-token
 
 - ``calltune``: `calltune.infer.load_for_inference` and `calltune.infer.generate` as they stand (their
   docstrings say what they do to be fast: bf16 weights, continuous batching, shared-prefix and
-  preallocated key/value caches, ...), up to ``--calltune-batch-size`` rows at once (default 192, the
+  preallocated key/value caches, ...), up to ``--calltune-batch-size`` rows at once (default 384, the
   ViGGO recipes' ``eval.batch_size``; pass 16 to compare at the baseline's batch), on the first
   ``--rows`` rows; the median wall time of ``--repeats`` runs (default 3).
 - ``plain_batched``: ``AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)`` (transformers'
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=FULL_VALID, help="validation rows for calltune and plain_batched")
     parser.add_argument("--baseline-rows", type=int, default=64, help="rows for the one-at-a-time baseline")
     parser.add_argument("--batch-size", type=int, default=16, help="batch of the plain batched baseline")
-    parser.add_argument("--calltune-batch-size", type=int, default=192,
+    parser.add_argument("--calltune-batch-size", type=int, default=384,
                         help="most rows decoding at once in calltune.infer.generate (the ViGGO recipes' eval.batch_size)")
     parser.add_argument("--repeats", type=int, default=3, help="calltune runs; the median wall time is reported")
     parser.add_argument("--max-new-tokens", type=int, default=96)

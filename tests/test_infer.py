@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -33,11 +35,12 @@ def _one_at_a_time(model, tokenizer, prompt, max_new_tokens):
 
 
 @pytest.mark.slow
-def test_batched_prefix_shared_decoding_equals_one_prompt_at_a_time(fp32_model, viggo_valid):
+def test_batched_prefix_shared_decoding_equals_one_prompt_at_a_time(fp32_model, viggo_valid, monkeypatch):
     """Shared-prefix cache, padding, rows leaving and joining the batch change nothing (fp32, greedy).
 
-    The prompts differ in length (padding), share the instruction (prefix cache) and finish at
-    different steps (rows leave the batch); a wrong position id or mask changes the greedy text.
+    The prompts differ in length (padding), share the instruction (prefix cache), are prefilled in one
+    forward or in chunks, and finish at different steps (rows leave the batch); a wrong position id,
+    mask or slot changes the greedy text.
     """
     model, tokenizer, _ = fp32_model
     fmt = get_format("viggo")
@@ -48,8 +51,10 @@ def test_batched_prefix_shared_decoding_equals_one_prompt_at_a_time(fp32_model, 
         prompts.append(render_prompt(tokenizer, [{"role": "user", "content": question}]))
     assert len({len(p) for p in prompts}) > 1
     alone = [_one_at_a_time(model, tokenizer, prompt, 24) for prompt in prompts]
-    # all rows at once; then 3 slots for 8 prompts, so prompts join as rows finish (continuous batching)
-    for batch_size in (len(prompts), 3):
+    # all rows at once; the same with the first join prefilled in chunks of 3 prompts; then 3 slots for
+    # 8 prompts, so prompts join as rows finish (continuous batching)
+    for batch_size, prefill_rows in ((len(prompts), 48), (len(prompts), 3), (3, 48)):
+        monkeypatch.setattr(importlib.import_module("calltune.infer.generate"), "PREFILL_ROWS", prefill_rows)
         got = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=batch_size)
         for prompt, gen, (text, stopped) in zip(prompts, got, alone):
             assert gen.text == text

@@ -335,13 +335,15 @@ def _choose(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Ten
 
 
 class _SharedPrefix(list):
-    """Per layer, the (keys, values) of the prompts' common prefix; `reads` counts the lookups, so the
-    decoder can check that the model handed its ``calltune_prefix`` kwarg to every attention layer."""
+    """Per layer, the (keys, values) of the prompts' common prefix. While `reads` is an int (the decoder
+    sets it to 0 around a prefill) it counts the lookups, so the decoder can check that the model handed
+    its ``calltune_prefix`` kwarg to every attention layer; decode steps leave it None and uncounted."""
 
-    reads = 0
+    reads: int | None = None
 
     def __getitem__(self, layer):
-        self.reads += 1
+        if self.reads is not None:
+            self.reads += 1
         return super().__getitem__(layer)
 
 
@@ -358,7 +360,6 @@ class _Decoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.pending = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # pop() = longest
-        self.prefix, self.prefix_len = None, 0
         self.prefix, self.prefix_len = self._prefix_cache(prompts)
         longest = max(len(p) for p in prompts) - self.prefix_len + max(max_new_tokens, 0)  # columns any row can need
         self.max_width = -(-longest // WIDTH_STEP) * WIDTH_STEP
@@ -388,16 +389,18 @@ class _Decoder:
         if not shared or getattr(self.model.config, "_attn_implementation", None) != GQA_ATTENTION:
             return None, 0
         cache = DynamicCache(config=self.model.config)
-        self._prefill_one(prompts[0][:shared], 0, cache)
+        self._prefill_one(prompts[0][:shared], 0, cache, prefix=None)
         return _SharedPrefix((layer.keys, layer.values) for layer in cache.layers), shared
 
-    def _prefill_one(self, tokens: list[int], start: int, cache) -> None:
-        """Run `tokens`, at positions start.., at batch size 1 into `cache` (a prefix to be shared)."""
+    def _prefill_one(self, tokens: list[int], start: int, cache, prefix: "_SharedPrefix | None") -> None:
+        """Run `tokens`, at positions start.., at batch size 1 into `cache` (a prefix to be shared), behind
+        the common `prefix` of all prompts (None while that one is computed)."""
         n = len(tokens)
+        extra = {"calltune_prefix": prefix} if prefix is not None else {}
         self.model(input_ids=torch.tensor([tokens], device=self.device),
                    attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
                    position_ids=torch.arange(start, start + n, device=self.device)[None],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1, **self._extra())
+                   past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
 
     def _extra(self) -> dict:
         """Forward kwargs that hand the prompts' common prefix to `gqa_attention`."""
@@ -475,7 +478,7 @@ class _Decoder:
         shared = _common_prefix(prompts)
         cache = DynamicCache(config=self.model.config)
         if shared:  # the prefix these prompts share once, at batch size 1, then repeated for every row
-            self._prefill_one(prompts[0][:shared], start, cache)
+            self._prefill_one(prompts[0][:shared], start, cache, self.prefix)
             if k > 1:
                 cache.batch_repeat_interleave(k)
         # The rest of each prompt, left-padded after the prefix: [prefix][pad...][rest].
@@ -487,13 +490,16 @@ class _Decoder:
             rest_mask[j, width - (len(p) - shared):] = 1
         attention = torch.cat([torch.ones((k, shared), dtype=torch.long), rest_mask], dim=1).to(self.device)
         positions = (start + shared + rest_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
-        reads = self.prefix.reads if self.prefix is not None else 0
+        if self.prefix is not None:
+            self.prefix.reads = 0
         out = self.model(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1, **self._extra())
-        if self.prefix is not None and self.prefix.reads - reads != len(self.prefix):
+        if self.prefix is not None and self.prefix.reads != len(self.prefix):
             raise RuntimeError(f"{type(self.model).__name__} did not pass the shared prefix to each of its attention "
                                f"layers (its forward drops attention kwargs); load it with "
                                f"attn_implementation='sdpa' to generate without the shared-prefix cache")
+        if self.prefix is not None:
+            self.prefix.reads = None
         if not self.cache.layers[0].is_initialized:
             for slot_layer, layer in zip(self.cache.layers, cache.layers):
                 slot_layer.allocate(self.capacity, self.max_width, layer.keys)

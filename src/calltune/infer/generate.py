@@ -334,10 +334,16 @@ def _choose(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Ten
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
+def _prefix_kwargs(prefix: "_SharedPrefix | None") -> dict:
+    """Forward kwargs that hand the prompts' common prefix to `gqa_attention` (none without one)."""
+    return {"calltune_prefix": prefix} if prefix is not None else {}
+
+
 class _SharedPrefix(list):
-    """Per layer, the (keys, values) of the prompts' common prefix. While `reads` is an int (the decoder
-    sets it to 0 around a prefill) it counts the lookups, so the decoder can check that the model handed
-    its ``calltune_prefix`` kwarg to every attention layer; decode steps leave it None and uncounted."""
+    """Per layer, the (keys, values) of the prompts' common prefix. While `reads` is an int (set to 0 by
+    `_Decoder._checked_forward` around a join's prefill) it counts the lookups, so the decoder can check
+    that the model handed its ``calltune_prefix`` kwarg to every attention layer; decode steps leave it
+    None and uncounted."""
 
     reads: int | None = None
 
@@ -396,15 +402,31 @@ class _Decoder:
         """Run `tokens`, at positions start.., at batch size 1 into `cache` (a prefix to be shared), behind
         the common `prefix` of all prompts (None while that one is computed)."""
         n = len(tokens)
-        extra = {"calltune_prefix": prefix} if prefix is not None else {}
         self.model(input_ids=torch.tensor([tokens], device=self.device),
                    attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
                    position_ids=torch.arange(start, start + n, device=self.device)[None],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+                   past_key_values=cache, use_cache=True, logits_to_keep=1, **_prefix_kwargs(prefix))
 
-    def _extra(self) -> dict:
-        """Forward kwargs that hand the prompts' common prefix to `gqa_attention`."""
-        return {"calltune_prefix": self.prefix} if self.prefix is not None else {}
+    def _checked_forward(self, **inputs):
+        """The model's forward on `inputs` with the common prefix, checking that every attention layer
+        read it (a forward that drops attention kwargs would otherwise generate garbage silently).
+
+        Raises:
+            RuntimeError: some attention layer did not receive ``calltune_prefix``.
+        """
+        if self.prefix is None:
+            return self.model(**inputs)
+        self.prefix.reads = 0
+        try:
+            out = self.model(**inputs, calltune_prefix=self.prefix)
+            reads = self.prefix.reads
+        finally:
+            self.prefix.reads = None
+        if reads != len(self.prefix):
+            raise RuntimeError(f"{type(self.model).__name__} did not pass the shared prefix to each of its attention "
+                               f"layers (its forward drops attention kwargs); load it with "
+                               f"attn_implementation='sdpa' to generate without the shared-prefix cache")
+        return out
 
     def run(self) -> list[Generation]:
         if self.streamer is not None:
@@ -464,12 +486,11 @@ class _Decoder:
         left-padded only to its own longest prompt."""
         rows = [self.pending.pop() for _ in range(k)]
         first = len(self.rows)
-        needed = max(len(self.prompts[i]) for i in rows) - self.prefix_len  # columns the longest one fills
         for at in range(0, k, PREFILL_ROWS):
-            self._prefill_chunk(rows[at:at + PREFILL_ROWS], first + at, needed)
+            self._prefill_chunk(rows[at:at + PREFILL_ROWS], first + at)
 
-    def _prefill_chunk(self, rows: list[int], first: int, needed: int) -> None:
-        """Prefill prompts `rows` into slots first.. (`needed`: columns the longest prompt of the join fills)."""
+    def _prefill_chunk(self, rows: list[int], first: int) -> None:
+        """Prefill prompts `rows` into slots first.., after the live rows."""
         from transformers import DynamicCache
 
         k = len(rows)
@@ -490,20 +511,12 @@ class _Decoder:
             rest_mask[j, width - (len(p) - shared):] = 1
         attention = torch.cat([torch.ones((k, shared), dtype=torch.long), rest_mask], dim=1).to(self.device)
         positions = (start + shared + rest_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
-        if self.prefix is not None:
-            self.prefix.reads = 0
-        out = self.model(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1, **self._extra())
-        if self.prefix is not None and self.prefix.reads != len(self.prefix):
-            raise RuntimeError(f"{type(self.model).__name__} did not pass the shared prefix to each of its attention "
-                               f"layers (its forward drops attention kwargs); load it with "
-                               f"attn_implementation='sdpa' to generate without the shared-prefix cache")
-        if self.prefix is not None:
-            self.prefix.reads = None
+        out = self._checked_forward(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         if not self.cache.layers[0].is_initialized:
             for slot_layer, layer in zip(self.cache.layers, cache.layers):
                 slot_layer.allocate(self.capacity, self.max_width, layer.keys)
-        self._fit(max(self.columns[:first] + [needed]) + 1, keep=first)
+        self._fit(max(self.columns[:first] + [shared + width]) + 1, keep=first)
         for slot_layer, layer in zip(self.cache.layers, cache.layers):
             slot_layer.fill(first, layer.keys, layer.values)
         self.valid[first:first + k] = False
@@ -568,7 +581,7 @@ class _Decoder:
             layer.rows_live, layer.columns = n, columns
         out = self.model(input_ids=chosen[:, None], attention_mask=mask,
                          position_ids=torch.tensor(self.positions, device=self.device)[:, None],
-                         past_key_values=self.cache, use_cache=True, **self._extra())
+                         past_key_values=self.cache, use_cache=True, **_prefix_kwargs(self.prefix))
         self.scores = out.logits[:, -1]  # argmax needs no fp32 copy; sampling converts
         self.columns = [c + 1 for c in self.columns]
         self.positions = [p + 1 for p in self.positions]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 
 import pytest
 import torch
@@ -84,6 +85,54 @@ def test_stop_strings_and_sampling(fp32_model, viggo_valid):
     assert len({g.text for g in a}) > 1  # sampled rows differ
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, tokenizer, [prompt, []])
+
+
+@pytest.mark.slow
+def test_workers_share_the_prompts_and_give_the_same_completions(fp32_model, viggo_valid):
+    """Two decoders in two threads (`workers=2`) return what one decoder does, in input order; the
+    logits hook gets original prompt indices; each worker runs on its share of the intra-op threads,
+    restored afterwards; a worker's error reaches the caller; seeded sampling repeats."""
+    model, tokenizer, _ = fp32_model
+    fmt = get_format("viggo")
+    prompts = [fmt.prompt(e, tokenizer) for e in viggo_valid[:10]]
+    one = generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=10, workers=1)
+    threads = torch.get_num_threads()
+    seen: dict[str, set[int]] = {}
+    inside: set[int] = set()
+
+    def end_row_7(rows, scores, last):  # row 7 (an original index) may only end its turn
+        seen.setdefault(threading.current_thread().name, set()).update(rows)
+        inside.add(torch.get_num_threads())
+        for slot, row in enumerate(rows):
+            if row == 7:
+                scores[slot] = float("-inf")
+                scores[slot, tokenizer.eos_token_id] = 0
+        return scores
+
+    rng = torch.get_rng_state()
+    two = generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=10, workers=2, logits_hook=end_row_7)
+    assert torch.equal(torch.get_rng_state(), rng)  # greedy decoding draws no seeds
+    assert two[7].text == "" and two[7].finish_reason == "stop"
+    assert [g.text for i, g in enumerate(two) if i != 7] == [g.text for i, g in enumerate(one) if i != 7]
+    assert [g.prompt_tokens for g in two] == [len(p) for p in prompts]
+    shares = list(seen.values())
+    assert len(shares) == 2 and not shares[0] & shares[1] and shares[0] | shares[1] == set(range(10))
+    assert inside == {max(1, threads // 2)} and torch.get_num_threads() == threads
+
+    def broken(rows, scores, last):
+        raise KeyError("hook failed")
+
+    with pytest.raises(KeyError, match="hook failed"):
+        generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=10, workers=2, logits_hook=broken)
+    assert torch.get_num_threads() == threads
+    sampled = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        sampled.append([g.text for g in generate(model, tokenizer, prompts[:4], max_new_tokens=8, batch_size=4,
+                                                 workers=2, temperature=1.5)])
+    assert sampled[0] == sampled[1] and len(set(sampled[0])) > 1
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        generate(model, tokenizer, prompts, workers=0)
 
 
 def _prefill_and_one_step(model, tokenizer, prompts):

@@ -119,6 +119,8 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
           fmt: Optional[str] = typer.Option(None, "--format", help="prompt format (default: the one saved with the model)"),
           limit: Optional[int] = typer.Option(None, "--limit", help="first N examples only (per BFCL category)"),
           batch_size: int = typer.Option(32, "--batch-size"),
+          workers: Optional[int] = typer.Option(None, "--workers", help="decoders in parallel threads, sharing "
+                                                "--batch-size (default: one per CPU thread, 64+ slots each)"),
           max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
           constrained: bool = typer.Option(False, "--constrained/--no-constrained",
                                            help="constrained decoding: calls name an offered tool, arguments fit its schema"),
@@ -140,7 +142,8 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
         rejects = Rejects(output / "rejects.jsonl")
         examples = load_source(source, data, split=split, rejects=rejects, limit=limit)
         rejects.write()
-        cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, constrained=constrained)
+        cfg = EvalConfig(batch_size=batch_size, workers=workers, max_new_tokens=max_new_tokens,
+                         constrained=constrained)
         metrics = evaluate_model(model, examples, output, cfg, fmt=get_format(fmt) if fmt else None)
     except _user_errors() as err:
         _fail(err)

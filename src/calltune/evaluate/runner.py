@@ -34,6 +34,8 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     batch_size: int = Field(32, ge=1, description="prompts generated together")
+    workers: int | None = Field(None, ge=1, description="decoders run in parallel threads, sharing batch_size "
+                                                        "(default: calltune.infer.generate's choice)")
     max_new_tokens: int = Field(128, ge=1, description="generation budget per example")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N examples")
     base: bool = Field(True, description="also evaluate the base model, for the report's comparison")
@@ -132,7 +134,7 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     if cfg.constrained:
         grammars = [checked_tool_call_grammar(tokenizer, fmt, e.tools) if e.tools else None for e in examples]
     generations = generate_constrained(model, tokenizer, prompts, grammars, max_new_tokens=cfg.max_new_tokens,
-                                       batch_size=cfg.batch_size, progress=True)
+                                       batch_size=cfg.batch_size, progress=True, workers=cfg.workers)
     seconds = time.perf_counter() - start
     parsed = [fmt.parse(g.text) for g in generations]
     metrics, per_example = score(fmt, examples, parsed)

@@ -243,7 +243,7 @@ def _bitmask(matcher, words: int):
 def generate_constrained(model, tokenizer, prompts: list[list[int]], grammars: list[str | None] | None = None,
                          max_new_tokens: int = 128, batch_size: int = 16, temperature: float = 0.0,
                          top_p: float = 1.0, stop: list[str] | None = None, streamer=None,
-                         progress: bool = False) -> list[Generation]:
+                         progress: bool = False, workers: int | None = None) -> list[Generation]:
     """Complete each prompt with `calltune.infer.generate.generate`, each under its grammar (None: free).
 
     Args:
@@ -251,6 +251,7 @@ def generate_constrained(model, tokenizer, prompts: list[list[int]], grammars: l
         temperature: 0 is greedy; sampling applies the mask first, then temperature and `top_p`.
         stop: strings that end a completion (cut from the returned text, finish_reason ``stop``).
         streamer: a transformers streamer (e.g. `TextIteratorStreamer`); only with a single prompt.
+        workers: decoders in parallel threads (`generate`'s argument; each row's matcher is used by one).
 
     Returns:
         One `Generation` per prompt, in order.
@@ -265,4 +266,4 @@ def generate_constrained(model, tokenizer, prompts: list[list[int]], grammars: l
     hook = GrammarConstraint(matchers, tokenizer.eos_token_id) if matchers else None
     return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     temperature=temperature, top_p=top_p, stop=stop, logits_hook=hook, streamer=streamer,
-                    progress=progress)
+                    progress=progress, workers=workers)

@@ -283,12 +283,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
     padding masked), so a row's positions are the ones it would have alone.
 
     With several CPU threads the prompts are shared among **workers**: decoders in parallel threads,
-    each with its share of the slots and of PyTorch's intra-op threads. One decoder leaves cores idle
-    while Python runs and during small elementwise ops, and its memory-bound attention and compute-bound
-    matmuls never overlap; decoders in threads fill those gaps (PyTorch releases the GIL inside ops).
-    On this 2-core machine, the 714 ViGGO rows at 384 slots, interleaved in one process (2026-11-24,
-    a throwaway A/B script, 3 rounds): 2 workers of 192 slots 51.3, 56.4, 53.3 s; one decoder with both
-    threads 65.2, 61.4, 58.6 s.
+    each with its share of the slots and of PyTorch's intra-op threads (PyTorch releases the GIL inside
+    ops, so they run at once). Only the matmuls gain much from a second intra-op thread; attention,
+    elementwise ops and Python much less. On this 2-core machine (2026-11-24, throwaway scripts), one
+    decoder with one thread generated half of the 714 ViGGO rows in ~51 s, about as long as two such
+    side by side took for all of them; interleaved in one process (3 rounds), 2 workers of 192 slots
+    took 51.3, 56.4, 53.3 s, one decoder with both threads and 384 slots 65.2, 61.4, 58.6 s.
 
     Args:
         prompts: token ids per prompt, each non-empty.

@@ -135,6 +135,31 @@ def test_workers_share_the_prompts_and_give_the_same_completions(fp32_model, vig
         generate(model, tokenizer, prompts, workers=0)
 
 
+def test_slot_layer_zeroes_its_storage_only_as_far_as_its_views_reach():
+    """The two storages start uninitialised (garbage, NaN here); a view never shows a non-finite value
+    (a masked column still meets its value in probs @ values), and memory past the widest view is left
+    untouched, so it never becomes resident."""
+    from calltune.infer.generate import SlotLayer
+
+    layer = SlotLayer()
+    layer.allocate(rows=4, max_width=64, like=torch.zeros(1, 3, 1, 8))
+    for keys, values in layer._storage:
+        keys.fill_(float("nan"))
+        values.fill_(float("nan"))
+    layer.resize(16, keep=0)
+    assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+    written = torch.randn(2, 3, 10, 8)
+    layer.fill(0, written, written + 1)
+    layer.resize(32, keep=2)  # the other storage, wider: the two kept rows move, the rest is zeros
+    assert torch.equal(layer.keys[:2, :, :10], written) and torch.equal(layer.values[:2, :, :10], written + 1)
+    assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+    layer.resize(16, keep=2)
+    assert torch.equal(layer.keys[:2, :, :10], written) and torch.isfinite(layer.values).all()
+    for (keys, values), width in zip(layer._storage, (32, 16)):  # widths 16, 32, 16 alternate storages 1, 0, 1
+        reached = 4 * 3 * width * 8
+        assert torch.isnan(keys[reached:]).all() and torch.isnan(values[reached:]).all()
+
+
 def _prefill_and_one_step(model, tokenizer, prompts):
     """Logits of `prompts` left-padded into one batch: at every real prompt position (prefill) and at
     one greedy decode step through the key/value cache; plus the attention mask used."""

@@ -177,7 +177,7 @@ class SlotLayer(CacheLayerMixin):
     A decode step writes each row's key and value in place at its own column (`columns`) and returns
     the first `rows_live` slots, a contiguous view. `width` follows the longest live row in steps of
     `WIDTH_STEP`; changing it re-lays the live slots out into a second storage (the two are allocated
-    once, at the largest width). Measured here at 128 rows of ~125 tokens (SmolLM2's 3 key/value heads),
+    once, at the largest width, and zeroed only as far as the widths reach). Measured here at 128 rows of ~125 tokens (SmolLM2's 3 key/value heads),
     attention per layer takes 1.8 ms on a contiguous cache of the live width, 4.1 ms on a strided view
     of a wider one and 4.4 ms on a contiguous one of the largest width, while `DynamicCache` also copies
     the whole cache at every step to append one column (~40% of a decode step at 120 rows).
@@ -198,23 +198,34 @@ class SlotLayer(CacheLayerMixin):
         raise RuntimeError("a SlotLayer is filled with `allocate` and `fill`, not by a forward pass")
 
     def allocate(self, rows: int, max_width: int, like: torch.Tensor) -> None:
-        """Two zeroed storages for (rows, kv_heads, max_width, head_dim) keys and values, of `like`'s
-        kv_heads, head_dim, dtype and device; the width starts at 0."""
+        """Two storages for (rows, kv_heads, max_width, head_dim) keys and values, of `like`'s kv_heads,
+        head_dim, dtype and device; the width starts at 0. They are allocated uninitialised and zeroed
+        only as far as a view reaches (`_view`), so memory the widths never reach is never touched
+        (and, on Linux, never becomes resident)."""
         size = rows * like.shape[1] * max_width * like.shape[3]
         self._shape = (rows, like.shape[1], like.shape[3])
         self.max_width = max_width
-        self._storage = [(torch.zeros(size, dtype=like.dtype, device=like.device),
-                          torch.zeros(size, dtype=like.dtype, device=like.device)) for _ in range(2)]
+        self._storage = [(torch.empty(size, dtype=like.dtype, device=like.device),
+                          torch.empty(size, dtype=like.dtype, device=like.device)) for _ in range(2)]
+        self._zeroed = [0, 0]  # per storage: its first n elements hold zeros or written keys/values
         self._current, self.width = 0, 0
         self._view()
         self.is_initialized = True
 
     def _view(self) -> None:
+        """Point `keys`/`values` at the current storage, laid out for the current width. Every element a
+        view covers must be finite (a masked column still meets its value in probs @ values, and
+        0 * NaN is NaN): elements never covered before are zeroed first."""
         rows, heads, dim = self._shape
         keys, values = self._storage[self._current]
+        size = rows * heads * self.width * dim
+        if size > self._zeroed[self._current]:
+            keys[self._zeroed[self._current]:size].zero_()
+            values[self._zeroed[self._current]:size].zero_()
+            self._zeroed[self._current] = size
         shape = (rows, heads, self.width, dim)
-        self.keys = keys[:rows * heads * self.width * dim].view(shape)
-        self.values = values[:rows * heads * self.width * dim].view(shape)
+        self.keys = keys[:size].view(shape)
+        self.values = values[:size].view(shape)
 
     def resize(self, width: int, keep: int) -> None:
         """Re-lay out to `width` columns, copying the first `keep` slots' first min(old, new) columns."""

@@ -10,7 +10,7 @@ import torch
 
 from calltune.formats import get_format
 from calltune.formats.chat import render_prompt
-from calltune.infer.generate import _common_prefix, generate, load_for_inference
+from calltune.infer.generate import _common_prefix, default_workers, generate, load_for_inference
 
 
 def test_common_prefix_leaves_every_prompt_a_token():
@@ -18,6 +18,15 @@ def test_common_prefix_leaves_every_prompt_a_token():
     assert _common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is still prefilled
     assert _common_prefix([[7], [7, 8]]) == 0
     assert _common_prefix([[1, 2], [3, 2]]) == 0
+
+
+def test_default_workers_give_every_worker_64_prompts_and_slots():
+    assert default_workers(714, 384, threads=2) == 2  # the ViGGO eval on this machine
+    assert default_workers(714, 384, threads=8) == 6  # 384 slots hold 6 workers of 64
+    assert default_workers(100, 384, threads=2) == 1  # 100 prompts: not 64 each
+    assert default_workers(714, 100, threads=2) == 1  # 100 slots: not 64 each
+    assert default_workers(714, 384, threads=1) == 1
+    assert default_workers(1, 1, threads=4) == 1
 
 
 @pytest.fixture(scope="module")

@@ -316,8 +316,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
             with ``batch_size // workers`` slots and ``torch.get_num_threads() // workers`` intra-op
             threads (PyTorch's setting is process-wide; it is restored on return). The hook is then
             called from the workers' threads, possibly at the same time, for disjoint rows. Default:
-            one per intra-op thread, as long as each gets `WORKER_ROWS` prompts and slots; with a
-            streamer, always one.
+            `default_workers` (one per intra-op thread, as long as each gets `WORKER_ROWS` prompts and
+            slots); with a streamer, always one.
 
     Returns:
         One `Generation` per prompt; ``completion_tokens`` counts the end-of-turn token when written.
@@ -337,7 +337,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
         return []
     threads = torch.get_num_threads()
     if workers is None:
-        workers = max(1, min(threads, len(prompts) // WORKER_ROWS, batch_size // WORKER_ROWS))
+        workers = default_workers(len(prompts), batch_size, threads)
     workers = min(workers, len(prompts), batch_size)  # every worker gets a prompt and a slot
     bar = _progress_bar(len(prompts)) if progress else None
     try:
@@ -353,6 +353,13 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
 
 
 WORKER_ROWS = 64  # fewest prompts and slots per worker that the default number of workers allows
+
+
+def default_workers(prompts: int, batch_size: int, threads: int) -> int:
+    """`generate`'s default number of workers: one per intra-op thread, as long as each gets at least
+    `WORKER_ROWS` prompts and `WORKER_ROWS` slots (fewer rows per matmul run below the CPU's matmul
+    peak); at least 1."""
+    return max(1, min(threads, prompts // WORKER_ROWS, batch_size // WORKER_ROWS))
 
 
 def _progress_bar(total: int):

@@ -128,12 +128,19 @@ def test_workers_share_the_prompts_and_give_the_same_completions(fp32_model, vig
     assert len(shares) == 2 and not shares[0] & shares[1] and shares[0] | shares[1] == set(range(10))
     assert inside == {max(1, threads // 2)} and torch.get_num_threads() == threads
 
-    def broken(rows, scores, last):
-        raise KeyError("hook failed")
+    calls = {True: 0, False: 0}  # hook calls by the worker with row 0 and by the other
+
+    def broken(rows, scores, last):  # the worker with row 0 fails at its first step; the other's rows
+        calls[0 in rows] += 1       # may not end their turn, so alone it would take all 64 steps
+        if 0 in rows:
+            raise KeyError("hook failed")
+        scores[:, tokenizer.eos_token_id] = float("-inf")
+        return scores
 
     with pytest.raises(KeyError, match="hook failed"):
-        generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=10, workers=2, logits_hook=broken)
+        generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=10, workers=2, logits_hook=broken)
     assert torch.get_num_threads() == threads
+    assert calls[True] == 1 and calls[False] < 64  # the other worker stopped early
     sampled = []
     for _ in range(2):
         torch.manual_seed(3)

@@ -374,13 +374,16 @@ def _run_workers(model, tokenizer, prompts, max_new_tokens, batch_size, temperat
     (so their shares are alike) with ``batch_size // workers`` slots and ``threads // workers`` of
     PyTorch's intra-op threads (restored afterwards; the setting is process-wide). The logits hook
     sees original prompt indices; sampling draws from one generator per worker, seeded from PyTorch's
-    global one, so a seeded call gives the same completions every time."""
+    global one, so a seeded call gives the same completions every time. When a worker raises, the others
+    stop at their next step and the error reaches the caller."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     shares = [by_length[w::workers] for w in range(workers)]
     seeds = [int(torch.randint(2 ** 62, ())) if temperature > 0 else None for _ in shares]  # greedy: RNG untouched
     shared_bar = _LockedBar(bar) if bar is not None else None
+    failed = threading.Event()
 
     def run(share: list[int], seed: int | None) -> list[Generation]:
         share_hook = None
@@ -390,8 +393,13 @@ def _run_workers(model, tokenizer, prompts, max_new_tokens, batch_size, temperat
         with torch.inference_mode():  # thread-local: the caller's mode does not reach this thread
             decoder = _Decoder(model, tokenizer, [prompts[i] for i in share], max_new_tokens,
                                max(1, min(batch_size // workers, len(share))), temperature, top_p, stop, share_hook,
-                               None, shared_bar, None if seed is None else torch.Generator().manual_seed(seed))
-            return decoder.run()
+                               None, shared_bar, None if seed is None else torch.Generator().manual_seed(seed),
+                               abort=failed)
+            try:
+                return decoder.run()  # cut short (and discarded: a worker raised) once `failed` is set
+            except BaseException:
+                failed.set()
+                raise
 
     torch.set_num_threads(max(1, threads // workers))
     try:
@@ -466,7 +474,7 @@ class _Decoder:
     """State of one `generate` call: the slot cache, the live rows (slot order) and the prompts to come."""
 
     def __init__(self, model, tokenizer, prompts, max_new_tokens, capacity, temperature, top_p, stop, hook,
-                 streamer, bar, generator=None):
+                 streamer, bar, generator=None, abort=None):
         self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
         self.max_new_tokens, self.capacity = max_new_tokens, capacity
         self.temperature, self.top_p, self.stop, self.hook, self.streamer = temperature, top_p, stop, hook, streamer
@@ -488,7 +496,7 @@ class _Decoder:
         self.scores: torch.Tensor | None = None  # (live rows, vocab) scores for each row's next token
         self.new: list[list[int]] = [[] for _ in prompts]
         self.finish = ["length"] * len(prompts)
-        self.bar, self.generator = bar, generator
+        self.bar, self.generator, self.abort = bar, generator, abort
 
     def _prefix_cache(self, prompts: list[list[int]]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]:
         """Keys and values (per layer, each (1, kv_heads, P, head_dim)) of the P tokens every prompt starts
@@ -537,7 +545,7 @@ class _Decoder:
         if self.streamer is not None:
             self.streamer.put(torch.tensor([self.prompts[0]]))
         refill_at = max(1, self.capacity // 4)  # a quarter: faster than an eighth or a half (ViGGO, 192 rows)
-        while self.pending or self.rows:
+        while (self.pending or self.rows) and not (self.abort is not None and self.abort.is_set()):
             free = self.capacity - len(self.rows)
             if self.pending and (not self.rows or free >= min(refill_at, len(self.pending))):
                 self._join(min(free, len(self.pending)))

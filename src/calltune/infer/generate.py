@@ -177,10 +177,11 @@ class SlotLayer(CacheLayerMixin):
     A decode step writes each row's key and value in place at its own column (`columns`) and returns
     the first `rows_live` slots, a contiguous view. `width` follows the longest live row in steps of
     `WIDTH_STEP`; changing it re-lays the live slots out into a second storage (the two are allocated
-    once, at the largest width, and zeroed only as far as the widths reach). Measured here at 128 rows of ~125 tokens (SmolLM2's 3 key/value heads),
-    attention per layer takes 1.8 ms on a contiguous cache of the live width, 4.1 ms on a strided view
-    of a wider one and 4.4 ms on a contiguous one of the largest width, while `DynamicCache` also copies
-    the whole cache at every step to append one column (~40% of a decode step at 120 rows).
+    once, at the largest width, and zeroed only as far as the widths reach). Measured here at 128 rows
+    of ~125 tokens (SmolLM2's 3 key/value heads), attention per layer takes 1.8 ms on a contiguous
+    cache of the live width, 4.1 ms on a strided view of a wider one and 4.4 ms on a contiguous one of
+    the largest width, while `DynamicCache` also copies the whole cache at every step to append one
+    column (~40% of a decode step at 120 rows).
     """
 
     is_compileable = False
@@ -339,7 +340,11 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
     if workers is None:
         workers = default_workers(len(prompts), batch_size, threads)
     workers = min(workers, len(prompts), batch_size)  # every worker gets a prompt and a slot
-    bar = _progress_bar(len(prompts)) if progress else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generate", unit="ex")
     try:
         if streamer is not None or workers == 1:
             decoder = _Decoder(model, tokenizer, prompts, max_new_tokens, min(batch_size, len(prompts)), temperature,
@@ -360,12 +365,6 @@ def default_workers(prompts: int, batch_size: int, threads: int) -> int:
     `WORKER_ROWS` prompts and `WORKER_ROWS` slots (fewer rows per matmul run below the CPU's matmul
     peak); at least 1."""
     return max(1, min(threads, prompts // WORKER_ROWS, batch_size // WORKER_ROWS))
-
-
-def _progress_bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="generate", unit="ex")
 
 
 def _run_workers(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, stop, hook, bar,
@@ -392,7 +391,7 @@ def _run_workers(model, tokenizer, prompts, max_new_tokens, batch_size, temperat
                 return hook([share[r] for r in rows], scores, last)
         with torch.inference_mode():  # thread-local: the caller's mode does not reach this thread
             decoder = _Decoder(model, tokenizer, [prompts[i] for i in share], max_new_tokens,
-                               max(1, min(batch_size // workers, len(share))), temperature, top_p, stop, share_hook,
+                               min(batch_size // workers, len(share)), temperature, top_p, stop, share_hook,
                                None, shared_bar, None if seed is None else torch.Generator().manual_seed(seed),
                                abort=failed)
             try:

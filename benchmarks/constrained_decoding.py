@@ -34,15 +34,15 @@ ROWS = [("valid_json_rate", "valid JSON rate"), ("schema_valid_rate", "schema-va
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from calltune.cli import BFCL_EVAL
     from calltune.evaluate.runner import EvalConfig, evaluate_model
     from calltune.formats import get_format
     from calltune.infer import load_for_inference
     from calltune.sources import load_source
+    from calltune.sources.bfcl import NON_LIVE_EVAL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="runs/bfcl-default/model")
-    parser.add_argument("--categories", default=BFCL_EVAL)
+    parser.add_argument("--categories", default=",".join(NON_LIVE_EVAL))
     parser.add_argument("--limit", type=int, default=40, help="first N examples of each category")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=192)

@@ -255,6 +255,78 @@ def test_score_bfcl_input_errors(loaded):
         score_bfcl([plain], [[]])
 
 
+# Hand-made predictions per non-live category: (entries loaded, how many get their ground truth; the
+# rest get a wrong answer). Irrelevance: the first `right` answer without a call, the rest call a tool.
+SUMMARY_CASE = {"simple_python": (4, 3), "simple_java": (2, 1), "simple_javascript": (4, 0), "multiple": (2, 2),
+                "parallel": (4, 3), "parallel_multiple": (2, 0), "irrelevance": (3, 2)}
+
+
+def _summary_inputs(categories) -> tuple[list[Example], list]:
+    _require_bfcl()
+    examples, predictions = [], []
+    for category in categories:
+        n, right = SUMMARY_CASE[category]
+        for i, e in enumerate(load_bfcl(category, limit=n)):
+            examples.append(e)
+            if category == "irrelevance":
+                predictions.append([] if i < right else [ToolCall.of(e.tools[0].name, {})])
+            else:  # wrong: alternately unparseable and no call
+                predictions.append(_target(e) if i < right else (None if i % 2 else []))
+    return examples, predictions
+
+
+def test_non_live_summary_is_bfcls_unweighted_mean_of_means():
+    from calltune.sources.bfcl import NON_LIVE_EVAL
+
+    assert set(NON_LIVE_EVAL) == set(SUMMARY_CASE)
+    report = score_bfcl(*_summary_inputs(NON_LIVE_EVAL))
+    assert report["accuracy"] == {c: right / n for c, (n, right) in SUMMARY_CASE.items()}
+    simple = (3 / 4 + 1 / 2 + 0 / 4) / 3  # 0.4167; weighted by entries it would be 4 / 10
+    assert report["summary"] == {"simple": pytest.approx(simple),
+                                 "non_live_ast": pytest.approx((simple + 1.0 + 3 / 4 + 0.0) / 4)}
+    assert report["summary"]["non_live_ast"] == pytest.approx(0.5416667)  # not the flat mean of 6 (0.5)
+    assert report["summary_missing"] == {}
+    assert report["accuracy"]["irrelevance"] == pytest.approx(2 / 3)  # reported as is, in neither mean
+
+
+def test_non_live_summary_is_left_out_when_a_category_is_missing():
+    report = score_bfcl(*_summary_inputs(["simple_python", "simple_java", "multiple", "parallel",
+                                          "parallel_multiple", "irrelevance"]))
+    assert report["summary"] == {}
+    assert report["summary_missing"] == {"simple": ["simple_javascript"], "non_live_ast": ["simple_javascript"]}
+    report = score_bfcl(*_summary_inputs(["simple_javascript", "simple_python", "simple_java"]))
+    assert report["summary"] == {"simple": pytest.approx((0 + 3 / 4 + 1 / 2) / 3)}
+    assert report["summary_missing"] == {"non_live_ast": ["multiple", "parallel", "parallel_multiple"]}
+    report = score_bfcl(*_summary_inputs(["irrelevance"]))
+    assert report["summary"] == {} and report["summary_missing"] == {}  # no part evaluated: nothing to say
+
+
+def test_report_prints_the_summary_under_the_category_table(tmp_path):
+    from types import SimpleNamespace
+
+    from calltune.pipeline import write_report
+
+    examples, predictions = _summary_inputs(SUMMARY_CASE)
+    base = score_bfcl(examples, predictions)
+    tuned = score_bfcl(examples, [_target(e) if e.meta["bfcl"]["category"] != "irrelevance" else [] for e in examples])
+    recipe = SimpleNamespace(name="t", model="m", format="hermes", train=SimpleNamespace(method="full"),
+                             data=SimpleNamespace(source="bfcl"))
+    summary = {"data": {"train_examples": 1, "eval_examples": len(examples), "rejected_rows": 0},
+               "wall_seconds": {}, "machine": "test",
+               "eval_base": {"task": "toolcall", "bfcl": base}, "eval_tuned": {"task": "toolcall", "bfcl": tuned}}
+    lines = write_report(recipe, tmp_path, summary).read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ")]
+    simple = "| simple (mean of Python, Java, JavaScript) | 10 | 0.417 | 1.000 |"
+    assert rows[-2:] == [simple, "| non-live AST summary | 18 | 0.542 | 1.000 |"]
+    assert rows[-3].startswith("| irrelevance | 3 |")  # right under the per-category rows
+    partial = score_bfcl(*_summary_inputs(["simple_python", "multiple", "parallel", "parallel_multiple"]))
+    summary["eval_base"]["bfcl"] = summary["eval_tuned"]["bfcl"] = partial
+    text = write_report(recipe, tmp_path, summary).read_text()
+    assert "summary |" not in text and "mean of Python" not in text.split("Not reported")[0]
+    assert ("Not reported, not every category evaluated: simple (mean of Python, Java, JavaScript) needs "
+            "simple_java, simple_javascript; non-live AST summary needs simple_java, simple_javascript.") in text
+
+
 def test_checker_loads_without_vendor_sdks_and_leaves_no_stub():
     _require_bfcl()
     module = load_ast_checker()

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from calltune.cli import BFCL_EVAL, app
+from calltune.cli import app
 from calltune.recipe import DEFAULT_RECIPE, load_recipe, validate_recipe
+from calltune.sources.bfcl import NON_LIVE_EVAL
 from calltune.train.trainer import _cut_to_whole_turns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def test_default_recipe_ships_in_the_package_and_names_real_bfcl_categories():
     train = set(recipe.data.train.split(","))
     held_out = set(recipe.data.eval.split(","))
     assert all(c.startswith("live_") for c in train) and "live_irrelevance" in train
-    assert held_out == set(BFCL_EVAL.split(",")) and not train & held_out
+    assert held_out == set(NON_LIVE_EVAL) and not train & held_out
     validate_recipe(DEFAULT_RECIPE)  # every category exists in the installed bfcl-eval
 
 
@@ -60,15 +61,15 @@ def test_calltune_run_without_a_recipe_runs_the_bfcl_job(tmp_path, smollm2_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["recipe"] == "bfcl-default" and summary["train"]["steps"] == 1
     data = summary["data"]
-    assert data["loaded_train_examples"] == 10 and data["eval_examples"] == 5  # 2 per live category, 1 per held-out
+    assert data["loaded_train_examples"] == 10 and data["eval_examples"] == len(NON_LIVE_EVAL)  # 2 per live category, 1 per held-out
     assert data["train_examples"] + data["rejected_rows"] >= data["loaded_train_examples"]
     for side in ("eval_base", "eval_tuned"):
         bfcl = summary[side]["bfcl"]
-        assert bfcl["total"] == {c: 1 for c in BFCL_EVAL.split(",")}
+        assert bfcl["total"] == {c: 1 for c in NON_LIVE_EVAL}
         assert all(0.0 <= a <= 1.0 for a in bfcl["accuracy"].values()) and bfcl["bfcl_version"]
     report = (tmp_path / "report.md").read_text()
     assert "BFCL, official AST checker (bfcl-eval " in report
-    assert all(f"| {c} | 1 |" in report for c in BFCL_EVAL.split(","))
+    assert all(f"| {c} | 1 |" in report for c in NON_LIVE_EVAL)
     assert "BFCL, official AST checker" in result.output  # the table is printed too
     assert json.loads((tmp_path / "model" / "calltune_format.json").read_text())["name"] == "hermes"
 
@@ -124,4 +125,4 @@ def test_eval_benchmark_bfcl_scores_every_held_out_category(tmp_path, smollm2_pa
                                       "--format", "hermes", "--max-new-tokens", "16", "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["n"] == 5 and metrics["bfcl"]["total"] == {c: 1 for c in BFCL_EVAL.split(",")}
+    assert metrics["n"] == len(NON_LIVE_EVAL) and metrics["bfcl"]["total"] == {c: 1 for c in NON_LIVE_EVAL}

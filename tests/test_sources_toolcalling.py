@@ -430,7 +430,8 @@ def test_openai_jsonl_rejects_and_extras(tmp_path):
     example = examples[0]
     assert example.messages[0].content == "hi there"
     assert calls(example.messages[1]) == [("f", {"x": 1})]
-    assert example.meta == {"id": "r0", "weights": [None, 1, None]}
+    assert example.meta == {"id": "r0"}
+    assert [m.weight for m in example.messages] == [None, 1, None]  # the fine-tuning weight, on the message
     reasons = {item["row"]: item["reason"] for item in rejects.items}
     assert reasons[1].startswith("schema error: Example: messages[1]")
     assert "an assistant message needs content or tool_calls" in reasons[1]

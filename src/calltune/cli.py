@@ -20,9 +20,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 err_console = Console(stderr=True)
 
-# BFCL's held-out single-turn categories: the default job's eval set and `calltune eval --benchmark bfcl`'s.
-BFCL_EVAL = "simple_python,multiple,parallel,parallel_multiple,irrelevance"
-
 
 def _fail(err: Exception) -> None:
     err_console.print(f"[bold red]error:[/] {err}", highlight=False)
@@ -114,7 +111,8 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
                                                                    "comma-separated categories)"),
           source: str = typer.Option("viggo", "--source", help="dataset adapter"),
           benchmark: Optional[str] = typer.Option(None, "--benchmark", help="bfcl: BFCL's single-turn categories, "
-                                                  "scored by its official AST checker (default: " + BFCL_EVAL + ")"),
+                                                  "scored by its official AST checker (default: every non-live "
+                                                  "category, calltune.sources.bfcl.NON_LIVE_EVAL)"),
           split: str = typer.Option("validation", "--split", help="hub split"),
           fmt: Optional[str] = typer.Option(None, "--format", help="prompt format (default: the one saved with the model)"),
           limit: Optional[int] = typer.Option(None, "--limit", help="first N examples only (per BFCL category)"),
@@ -136,7 +134,9 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
         if benchmark is not None:
             if benchmark != "bfcl":
                 raise ValueError(f"--benchmark: unknown benchmark {benchmark!r} (choices: bfcl)")
-            source, data = "bfcl", data or BFCL_EVAL
+            from calltune.sources.bfcl import NON_LIVE_EVAL
+
+            source, data = "bfcl", data or ",".join(NON_LIVE_EVAL)
         if data is None:
             raise ValueError("give --data (an eval file or hub id) or --benchmark bfcl")
         rejects = Rejects(output / "rejects.jsonl")
@@ -179,7 +179,7 @@ def show(recipe: Path = typer.Argument(..., help="recipe YAML"),
         r = load_recipe(recipe)
         examples = load_source(r.data.source, r.data.train_path, split=r.data.train_split, limit=n)
         tokenizer = load_tokenizer(resolve_model(model or r.model))
-        fmt = get_format(r.format, tokenizer=tokenizer) if r.format == "auto" else get_format(r.format)
+        fmt = get_format(r.format, tokenizer=tokenizer) if r.format == "auto" else get_format(r.format, **r.format_options)
     except _user_errors() as err:
         _fail(err)
     for ex in examples[:n]:
@@ -228,6 +228,38 @@ def data_clean(source: str = typer.Option(..., "--source", help="dataset adapter
                              "max_no_call_fraction": max_no_call_fraction, "coerce_types": coerce_types,
                              "dedupe": dedupe, "val_fraction": val_fraction, "seed": seed})
         report = clean_command(source, input_, output, val_output, rejects, cfg)
+    except _user_errors() as err:
+        _fail(err)
+    console.print_json(json.dumps(report))
+
+
+@data_app.command("augment")
+def data_augment(input_: str = typer.Option(..., "--input", help="canonical JSONL (from `calltune data clean`), or a "
+                                                               "file or hub id that --source reads"),
+                 output: Path = typer.Option(..., "--output", "-o", help="originals kept + new examples, canonical JSONL"),
+                 source: Optional[str] = typer.Option(None, "--source", help="dataset adapter for --input (default: "
+                                                                            "canonical JSONL)"),
+                 config: Optional[Path] = typer.Option(None, "--config", help="YAML of the rules (a recipe's augment: "
+                                                                            "block, or a whole recipe)"),
+                 rejects: Optional[Path] = typer.Option(None, "--rejects", help="rows a rule or the source rejected (JSONL)"),
+                 set_: list[str] = typer.Option([], "--set", help="a rule setting, e.g. --set parallel.count=100")):
+    """Make new examples from existing ones: irrelevance, parallel, parallel_multiple, distractors,
+    self_correction, answer_after_results (rules: calltune.augment.rules)."""
+    import yaml
+
+    from calltune.augment import AugmentConfig, augment_command
+    from calltune.recipe import set_dotted
+
+    try:
+        data = {}
+        if config is not None:
+            data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            data = data.get("augment", data) if isinstance(data, dict) else data
+            if not isinstance(data, dict):
+                raise ValueError(f"{config}: expected a mapping of rule settings")
+        for key, value in _parse_overrides(set_).items():
+            set_dotted(data, key, value)
+        report = augment_command(input_, output, AugmentConfig(**data), source, rejects)
     except _user_errors() as err:
         _fail(err)
     console.print_json(json.dumps(report))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from calltune.augment import augment
 from calltune.evaluate.runner import evaluate_model
 from calltune.formats import get_format
 from calltune.recipe import Recipe
@@ -31,6 +32,8 @@ METRIC_ROWS = {
     "toolcall": [("function_name_accuracy", "Function Name Accuracy"), ("exact_call_accuracy", "Exact Call Accuracy"),
                  ("valid_json_rate", "Valid JSON Rate"), ("schema_valid_rate", "Schema-valid Rate"),
                  ("no_call_precision", "No-call Precision"), ("no_call_recall", "No-call Recall")],
+    # rows under the BFCL per-category table: `calltune.evaluate.bfcl_checker.NON_LIVE_SUMMARY` entries
+    "bfcl_summary": [("simple", "simple (mean of Python, Java, JavaScript)"), ("non_live_ast", "non-live AST summary")],
 }
 
 
@@ -40,11 +43,11 @@ def recipe_format(recipe: Recipe):
         from calltune.models import load_tokenizer, resolve_model
 
         return get_format("auto", tokenizer=load_tokenizer(resolve_model(recipe.model)))
-    return get_format(recipe.format)
+    return get_format(recipe.format, **recipe.format_options)
 
 
 def prepare(recipe: Recipe, out: Path):
-    """Load the train and eval examples; rejects go to ``out/rejects.jsonl``. Returns (train, eval, counts)."""
+    """Load, clean, split and augment; rejects go to ``out/rejects.jsonl``. Returns (train, eval, counts, rejects)."""
     rejects = Rejects(out / "rejects.jsonl")
     d = recipe.data
     train_ex = load_source(d.source, d.train_path, split=d.train_split, rejects=rejects, limit=d.limit)
@@ -55,11 +58,16 @@ def prepare(recipe: Recipe, out: Path):
         train_ex, clean_report = result.examples, result.report
     if d.eval:
         eval_ex = load_source(d.source, d.eval, split=d.eval_split, rejects=rejects, limit=d.eval_limit)
-    else:  # seeded split of the cleaned examples, as seed 3's hosted service does (10%)
+    else:  # a seeded 10% of the cleaned examples, as hosted fine-tuning services split them
         train_ex, eval_ex = split_validation(train_ex, d.val_fraction, seed=recipe.train.seed)
+    augment_report = None
+    if recipe.augment is not None:  # after the split: nothing made from an eval example is trained on
+        augmented = augment(train_ex, recipe.augment, rejects)
+        train_ex, augment_report = augmented.examples, augmented.report
     rejects.write()
     counts = {"loaded_train_examples": loaded, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-              "rejected_rows": len(rejects), "rejects_by_reason": rejects.counts, "clean": clean_report}
+              "rejected_rows": len(rejects), "rejects_by_reason": rejects.counts, "clean": clean_report,
+              "augment": augment_report}
     return train_ex, eval_ex, counts, rejects
 
 
@@ -90,7 +98,13 @@ def _fmt(value: float | None) -> str:
 
 
 def write_report(recipe: Recipe, out: Path, summary: dict[str, Any]) -> Path:
-    """Write ``report.md`` from the run's summary (also saved as ``summary.json``)."""
+    """Write ``report.md`` from the run's summary (also saved as ``summary.json``).
+
+    With BFCL eval examples it adds the official checker's accuracy per category and, under it,
+    BFCL's non-live summary rows (`calltune.evaluate.bfcl_checker.bfcl_summary`: unweighted means of
+    category accuracies; n is the number of examples under the mean). A summary row is shown when
+    its categories were all evaluated; otherwise a line names the missing categories.
+    """
     base, tuned = summary.get("eval_base"), summary.get("eval_tuned")
     t = summary.get("train", {})
     lines = [f"# calltune report: {recipe.name}", "",
@@ -104,11 +118,24 @@ def write_report(recipe: Recipe, out: Path, summary: dict[str, Any]) -> Path:
     bfcl_base, bfcl_tuned = (base or {}).get("bfcl"), (tuned or {}).get("bfcl")
     if bfcl_tuned or bfcl_base:
         ref = bfcl_tuned or bfcl_base
-        lines += ["", f"BFCL, official AST checker (bfcl-eval {ref.get('bfcl_version')}), accuracy per category:", "",
+        lines += ["", f"BFCL, official AST checker (bfcl-eval {ref.get('bfcl_version')}), accuracy per category, "
+                  "then BFCL's non-live summary (unweighted means of category accuracies, as the leaderboard's):", "",
                   "| Category | n | Base | Tuned |", "| --- | ---: | ---: | ---: |"]
         for cat in ref.get("accuracy", {}):
             lines.append(f"| {cat} | {ref['total'][cat]} | {_fmt((bfcl_base or {}).get('accuracy', {}).get(cat))} | "
                          f"{_fmt((bfcl_tuned or {}).get('accuracy', {}).get(cat))} |")
+        from calltune.evaluate.bfcl_checker import summary_categories
+
+        sides = [(bfcl_base or {}).get("summary") or {}, (bfcl_tuned or {}).get("summary") or {}]
+        for key, label in METRIC_ROWS["bfcl_summary"]:
+            if any(key in side for side in sides):
+                n = sum(ref["total"].get(c, 0) for c in summary_categories(key))
+                lines.append(f"| {label} | {n} | {_fmt(sides[0].get(key))} | {_fmt(sides[1].get(key))} |")
+        labels = dict(METRIC_ROWS["bfcl_summary"])
+        lacking = [f"{labels.get(key, key)} needs {', '.join(cats)}"
+                   for key, cats in (ref.get("summary_missing") or {}).items() if not any(key in s for s in sides)]
+        if lacking:
+            lines += ["", "Not reported, not every category evaluated: " + "; ".join(lacking) + "."]
     lines += ["", "## Training", "",
               f"- optimizer steps: {t.get('steps')}, examples: {t.get('train_examples')}",
               f"- wall time: {t.get('seconds', 0):.0f} s; training tokens/s (non-padding): {t.get('tokens_per_s', 0):.0f}",
@@ -127,16 +154,27 @@ def _cached_base_eval(recipe: Recipe, eval_ex, out: Path, fmt) -> dict[str, Any]
     """Evaluate the base model, reusing an identical earlier evaluation from ``$CALLTUNE_HOME/evals``.
 
     The base model's outputs depend only on the model, the eval examples, the format and the
-    generation settings, so runs that share them (viggo-full and viggo-lora) pay for it once. The
-    key is a hash of those; the cached folder is copied into ``out/eval-base``.
+    generation settings, and its scores on the code that generates and scores them, so runs that
+    share those (viggo-full and viggo-lora) pay for it once. The key is a hash of those and of the
+    installed distribution versions of calltune, transformers and torch (and bfcl-eval when
+    installed: its checker scores BFCL examples); the cached folder is copied into ``out/eval-base``.
+    An editable calltune keeps its version while its code changes: clear ``$CALLTUNE_HOME/evals``
+    after changing generation or scoring code.
     """
     import hashlib
     import shutil
+    from importlib import metadata
 
     from calltune.models import calltune_home, resolve_model
 
+    versions = {}
+    for dist in ("calltune", "transformers", "torch", "bfcl-eval"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
     settings = recipe.eval.model_dump(exclude={"base"})
-    digest = hashlib.sha256(json.dumps([resolve_model(recipe.model), fmt.name, fmt.options(), settings,
+    digest = hashlib.sha256(json.dumps([resolve_model(recipe.model), fmt.name, fmt.options(), settings, versions,
                                         [e.to_json() for e in eval_ex]], sort_keys=True).encode()).hexdigest()[:16]
     cache = calltune_home() / "evals" / digest
     target = out / "eval-base"

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from calltune.augment.config import AugmentConfig
 from calltune.evaluate.runner import EvalConfig
 from calltune.sources.clean import CleanConfig
 from calltune.train.config import TrainConfig
@@ -53,9 +54,13 @@ class Recipe(BaseModel):
     name: str = Field(description="run name; the default output folder is runs/<name>")
     model: str = Field(description="alias, local folder, .gguf file or hub id")
     format: str = Field(description="prompt format, e.g. viggo, hermes")
+    format_options: dict[str, Any] = Field(default_factory=dict, description="the format's options, e.g. "
+                                           "{compact: true} for hermes (saved with the model)")
     data: DataConfig
     clean: CleanConfig | None = Field(None, description="cleaning rules applied to the training examples "
                                                         "(calltune.sources.clean); omit to use rows as loaded")
+    augment: AugmentConfig | None = Field(None, description="augmentation rules applied to the cleaned training "
+                                                            "examples (calltune.augment); omit to train on them as they are")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str | None = Field(None, description="where everything goes (default runs/<name>)")
@@ -98,6 +103,17 @@ def _problems(err: ValidationError) -> list[str]:
     return out
 
 
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "train.max_steps", 20)`` sets ``d["train"]["max_steps"]``, creating mappings on the way."""
+    node = data
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {p!r} is not a mapping of keys")
+    node[last] = value
+
+
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "bfcl-default.yaml"
 
 
@@ -120,11 +136,7 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
     if not isinstance(data, dict):
         raise RecipeError(str(path), ["the top level must be a mapping of keys"])
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        set_dotted(data, dotted, value)
     try:
         return Recipe(**data)
     except ValidationError as err:
@@ -158,6 +170,11 @@ def validate_recipe(path: str | Path) -> Recipe:
 
     recipe = load_recipe(path)
     problems = []
+    if recipe.format in FORMATS:
+        try:
+            FORMATS[recipe.format](**recipe.format_options)
+        except (TypeError, ValueError) as err:
+            problems.append(f"format_options: {err}")
     if recipe.format not in FORMATS and recipe.format != "auto":
         close = difflib.get_close_matches(recipe.format, FORMATS, n=1)
         problems.append(f"format: unknown prompt format {recipe.format!r}"

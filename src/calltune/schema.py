@@ -9,6 +9,12 @@ Two choices differ from the wire format of the OpenAI API and are converted at t
   chat templates all want the object. `ToolCall.to_openai()` gives the string form back.
 - Every type validates on construction; a bad field raises `SchemaError` whose message is the field
   path (``messages[2].tool_calls[0].function.name``) and what is wrong with it.
+
+`Message.weight` is the per-message ``weight`` of OpenAI's chat fine-tuning data format
+(https://platform.openai.com/docs/guides/fine-tuning, "FineTuneChatCompletionRequestAssistantMessage"
+in the API reference): 0 or 1 on an assistant turn, 0 meaning the turn is context and is not
+trained. It belongs to training data, not to the conversation, so `Message.to_dict()` (what chat
+templates get) leaves it out; `Example.to_json()` keeps it.
 """
 
 from __future__ import annotations
@@ -115,18 +121,34 @@ class ToolCall(_Model):
 
 
 class Message(_Model):
-    """One chat turn. `assistant` turns may carry `tool_calls`; `tool` turns answer one call."""
+    """One chat turn. `assistant` turns may carry `tool_calls`; `tool` turns answer one call.
+
+    `weight` (assistant turns only, 0 or 1, None when absent) is OpenAI's fine-tuning ``weight``:
+    a turn with weight 0 is kept as context but never trained, e.g. a deliberately broken call
+    followed by the tool's error and the corrected call, where only the correction is trained.
+    """
 
     role: Role
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    weight: int | None = None
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight_is_0_or_1(cls, value: Any) -> Any:
+        # exactly the ints 0 and 1, as OpenAI allows: no true/false, 1.0 or "1"
+        if value is None or (type(value) is int and value in (0, 1)):
+            return value
+        raise ValueError(f"weight must be 0 or 1, got {value!r}")
 
     @model_validator(mode="after")
     def _check_role_fields(self) -> "Message":
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError(f"tool_calls is only allowed on assistant messages, not on role {self.role!r}")
+        if self.weight is not None and self.role != "assistant":
+            raise ValueError(f"weight is only allowed on assistant messages, not on role {self.role!r}")
         if self.tool_calls == []:
             self.tool_calls = None
         if self.role == "assistant" and self.content is None and not self.tool_calls:
@@ -135,8 +157,13 @@ class Message(_Model):
             raise ValueError(f"a {self.role} message needs content")
         return self
 
+    @property
+    def trained(self) -> bool:
+        """Whether a format may train this turn's tokens: False only for weight 0 (meaningful on assistant turns)."""
+        return self.weight != 0
+
     def to_dict(self) -> dict[str, Any]:
-        """The HF chat dict (arguments stay objects, as chat templates expect)."""
+        """The HF chat dict (arguments stay objects, as chat templates expect); `weight` is left out."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
             out["tool_calls"] = [
@@ -186,8 +213,9 @@ class Example(_Model):
     """One training or evaluation example: a conversation and the tools it may call.
 
     `messages` is the full conversation; the assistant turns are what a format trains on (all of
-    them, unless `train_on` restricts it) and what evaluation compares against. `source` and `row`
-    say where the example came from (file or hub id, 0-based row) so later errors can point there.
+    them except those with weight 0, unless `train_on` restricts it further) and what evaluation
+    compares against. `source` and `row` say where the example came from (file or hub id, 0-based
+    row) so later errors can point there.
     """
 
     messages: list[Message] = Field(min_length=1)
@@ -215,6 +243,7 @@ class Example(_Model):
         return None
 
     def to_json(self) -> str:
+        """One JSON line; unset (None) fields are left out, so a message's ``weight`` appears only when set."""
         return self.model_dump_json(exclude_none=True)
 
     @classmethod

@@ -1,7 +1,8 @@
 """BFCL scoring with the leaderboard's own AST checker (``bfcl_eval.eval_checker.ast_eval.ast_checker``).
 
-Owns `score_bfcl` (predicted calls of `load_bfcl` examples -> per-category accuracy) and
-`load_ast_checker`, which imports the official checker without the rest of bfcl-eval.
+Owns `score_bfcl` (predicted calls of `load_bfcl` examples -> per-category accuracy and BFCL's
+non-live summary), `bfcl_summary` (that summary) and `load_ast_checker`, which imports the official
+checker without the rest of bfcl-eval.
 
 Definitions, as in ``bfcl_eval/eval_checker/eval_runner.py``:
 - AST categories (simple, multiple, parallel, parallel_multiple, java, javascript, live_*): an
@@ -13,6 +14,19 @@ Definitions, as in ``bfcl_eval/eval_checker/eval_runner.py``:
 - live_relevance: correct iff at least one call was decoded.
 Accuracy is correct / total per category, higher is better; `score_bfcl` reports no overall BFCL
 score (the leaderboard's overall is a weighted mix that includes multi-turn and agentic categories).
+
+Non-live summary (`bfcl_summary`, in `score_bfcl`'s ``"summary"``), as the leaderboard's non-live table
+computes it in ``bfcl_eval/eval_checker/eval_runner_helper.py`` (`generate_leaderboard_csv`, "Non-Live
+Score", with `calculate_unweighted_accuracy`):
+- ``simple`` = unweighted mean of the accuracies of simple_python, simple_java, simple_javascript
+  (each category counts once, whatever its number of entries);
+- ``non_live_ast`` = unweighted mean of simple (the mean above), multiple, parallel, parallel_multiple;
+- irrelevance is reported as is (its per-category accuracy), outside both means.
+An entry is given only when every category under it was evaluated; otherwise it is left out of
+``"summary"`` and ``"summary_missing"`` names the categories it lacks (the leaderboard shows "N/A"
+for it; its "overall non-live" column would count a missing category as 0, which calltune does not
+report). The means are over the entries evaluated: with a per-category limit they are the means of
+the limited categories' accuracies, not the leaderboard's full-data figures.
 
 Function names are compared as BFCL writes them (``math.factorial``): the checker is run as a model
 without ``underscore_to_dot``, so a format that sends ``math_factorial`` must map it back first.
@@ -46,6 +60,13 @@ _MODEL_NAME = "calltune"
 _INSTALL_HINT = "install it with `pip install --no-deps bfcl-eval` (its own dependencies are not needed)"
 _lock = threading.Lock()
 _checker: types.ModuleType | None = None
+
+# Summary entry -> its parts, in BFCL's order (eval_runner_helper.generate_leaderboard_csv); a part is a
+# category or an earlier entry.
+NON_LIVE_SUMMARY: dict[str, tuple[str, ...]] = {
+    "simple": ("simple_python", "simple_java", "simple_javascript"),
+    "non_live_ast": ("simple", "multiple", "parallel", "parallel_multiple"),
+}
 
 
 class BFCLCheckerError(ImportError):
@@ -128,8 +149,11 @@ def score_bfcl(examples: Sequence[Example], predicted_calls: Sequence[Sequence[T
 
     Returns:
         ``{"bfcl_version", "accuracy": {category: float}, "correct": {category: int},
-        "total": {category: int}, "results": [{"id", "category", "valid", "error", "error_type"}]}``,
-        results in the order of `examples`.
+        "total": {category: int}, "summary": {entry: float}, "summary_missing": {entry: [category]},
+        "results": [{"id", "category", "valid", "error", "error_type"}]}``: accuracies are fractions
+        in [0, 1] (correct / total), categories in order of first appearance, results in the order
+        of `examples`; ``summary`` / ``summary_missing`` are `bfcl_summary` of the accuracies (BFCL's
+        non-live summary, defined in the module docstring).
 
     Raises:
         ValueError: lengths differ, or an example has no ``meta["bfcl"]``.
@@ -152,9 +176,45 @@ def score_bfcl(examples: Sequence[Example], predicted_calls: Sequence[Sequence[T
         results.append({"id": info["id"], "category": category, **result})
         total[category] += 1
         correct[category] += bool(result["valid"])
-    return {"bfcl_version": bfcl_version(),
-            "accuracy": {c: correct[c] / total[c] for c in total},
-            "correct": dict(correct), "total": dict(total), "results": results}
+    accuracy = {c: correct[c] / total[c] for c in total}
+    summary, missing = bfcl_summary(accuracy)
+    return {"bfcl_version": bfcl_version(), "accuracy": accuracy, "correct": dict(correct), "total": dict(total),
+            "summary": summary, "summary_missing": missing, "results": results}
+
+
+def bfcl_summary(accuracy: dict[str, float]) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """BFCL's non-live summary from per-category accuracies (`NON_LIVE_SUMMARY`, module docstring).
+
+    Follows ``bfcl_eval/eval_checker/eval_runner_helper.py``: `generate_leaderboard_csv` builds
+    ``simple_ast_non_live`` and ``summary_ast_non_live`` with `calculate_unweighted_accuracy` (the
+    plain mean of the parts' accuracies, each part counted once whatever its size).
+
+    Args:
+        accuracy: ``{category: fraction correct in [0, 1]}`` of the categories evaluated.
+
+    Returns:
+        ``(summary, missing)``: ``summary`` maps each entry whose categories were all evaluated to
+        its mean (a fraction in [0, 1]); ``missing`` maps each other entry of which at least one
+        category was evaluated to the categories it lacks, in `NON_LIVE_SUMMARY` order (entries with
+        no category evaluated appear in neither).
+    """
+    summary: dict[str, float] = {}
+    missing: dict[str, list[str]] = {}
+    for entry, parts in NON_LIVE_SUMMARY.items():
+        categories = summary_categories(entry)
+        lacking = [c for c in categories if c not in accuracy]
+        if not lacking:
+            values = [summary[p] if p in NON_LIVE_SUMMARY else accuracy[p] for p in parts]
+            summary[entry] = sum(values) / len(values)
+        elif len(lacking) < len(categories):
+            missing[entry] = lacking
+    return summary, missing
+
+
+def summary_categories(entry: str) -> list[str]:
+    """The BFCL categories under a `NON_LIVE_SUMMARY` entry (``non_live_ast`` -> simple_python, ...)."""
+    return [c for part in NON_LIVE_SUMMARY[entry]
+            for c in (summary_categories(part) if part in NON_LIVE_SUMMARY else [part])]
 
 
 def _score_one(checker: types.ModuleType, language: Any, info: dict[str, Any],

@@ -6,13 +6,15 @@ task: the `viggo` format is scored with the Levanter tutorial's ViGGO metrics
 (`calltune.evaluate.toolcall_metrics`); examples loaded from BFCL are also scored per category by
 BFCL's official AST checker (`calltune.evaluate.bfcl_checker`). It writes into its output folder: ``predictions.jsonl`` (one line per example: input, reference, raw output, parsed
 calls, scores), ``metrics.json`` (metrics, timing, model and format) and ``confusion.png`` (a
-function-name confusion matrix: reference rows, predicted columns).
+function-name confusion matrix: reference rows, predicted columns, the 20 most frequent reference
+names and ``(other)``; see `confusion_counts`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from calltune.schema import Example
 
 UNPARSEABLE = "(unparseable)"
 NO_CALL = "(no call)"
+OTHER = "(other)"  # confusion matrix: the names beyond the most frequent ones
 
 
 class EvalConfig(BaseModel):
@@ -71,25 +74,71 @@ def score(fmt: PromptFormat, examples: list[Example], parsed: list) -> tuple[dic
     return metrics, records
 
 
-def confusion_png(pairs: list[tuple[str, str]], path: Path, title: str) -> Path:
-    """Save a confusion matrix of (reference, predicted) function names as a PNG."""
+def confusion_counts(pairs: list[tuple[str, str]], top: int = 20) -> tuple[list[str], list[str], list[list[int]]]:
+    """Count (reference, predicted) function-name pairs into a matrix of bounded size.
+
+    Rows are the `top` most frequent reference names (most frequent first, ties by name), then
+    `NO_CALL` when some reference makes no call, then `OTHER` holding every other reference name.
+    Columns are the same kept names in the same order (so hits lie on the diagonal), then `NO_CALL`
+    and `UNPARSEABLE` (always there), then `OTHER` for every other predicted name, when there is one.
+    Folding keeps every pair: the matrix sums to ``len(pairs)``. Time O(len(pairs)), size at most
+    ``(top + 2) x (top + 3)`` whatever the number of distinct names.
+
+    Returns:
+        ``(rows, cols, matrix)`` with ``matrix[i][j]`` = number of pairs whose reference falls in
+        ``rows[i]`` and whose prediction falls in ``cols[j]``.
+    """
+    pair_counts = Counter(pairs)
+    ref_counts = Counter(r for r, _ in pairs)
+    names = sorted((r for r in ref_counts if r not in (NO_CALL, UNPARSEABLE)), key=lambda r: (-ref_counts[r], r))
+    kept = names[:max(top, 0)]
+    index = {name: i for i, name in enumerate(kept)}
+    rows = kept + ([NO_CALL] if NO_CALL in ref_counts else [])
+    row_index = {**index, NO_CALL: len(kept)}
+    cols = kept + [NO_CALL, UNPARSEABLE]
+    col_index = {**index, NO_CALL: len(kept), UNPARSEABLE: len(kept) + 1}
+    if any(r not in row_index for r in ref_counts):
+        rows.append(OTHER)
+    if any(p not in col_index for _, p in pair_counts):
+        cols.append(OTHER)
+    matrix = [[0] * len(cols) for _ in rows]
+    for (ref, pred), n in pair_counts.items():
+        matrix[row_index.get(ref, len(rows) - 1)][col_index.get(pred, len(cols) - 1)] += n
+    return rows, cols, matrix
+
+
+def confusion_png(pairs: list[tuple[str, str]], path: Path, title: str, top: int = 20) -> Path:
+    """Save a confusion matrix of (reference, predicted) function names as a PNG.
+
+    The matrix is `confusion_counts` (`top` most frequent reference names, the rest folded into
+    ``(other)``; ``(no call)`` and ``(unparseable)`` columns), so memory, drawing time and image
+    size stay bounded whatever the number of distinct names (a full BFCL eval has about a thousand).
+    The image is at most about ``(1 + 0.7 * (top + 3)) x (1 + 0.55 * (top + 2))`` inches at 110 dpi;
+    tick labels longer than 40 characters are shortened.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    refs = sorted({r for r, _ in pairs})
-    cols = refs + sorted({p for _, p in pairs} - set(refs))
-    counts = [[sum(1 for r, p in pairs if r == a and p == b) for b in cols] for a in refs]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cols), 1.0 + 0.55 * len(refs)))
-    ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-    ax.set_yticks(range(len(refs)), refs)
-    for i, row in enumerate(counts):
-        for j, c in enumerate(row):
-            if c:
-                ax.text(j, i, str(c), ha="center", va="center", fontsize=8,
-                        color="white" if c > max(map(max, counts)) / 2 else "black")
+    def short(names: list[str]) -> list[str]:
+        return [n if len(n) <= 40 else n[:39] + "…" for n in names]
+
+    rows, cols, counts = confusion_counts(pairs, top=top)
+    if rows and rows[-1] == OTHER:
+        distinct = len({r for r, _ in pairs} - {NO_CALL, UNPARSEABLE})
+        title += f"\n{top} most frequent of {distinct} reference names, the rest in {OTHER}"
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cols), 1.0 + 0.55 * max(len(rows), 1)))
+    if rows:
+        peak = max(map(max, counts))
+        ax.imshow(counts, cmap="Blues")
+        for i, row in enumerate(counts):
+            for j, c in enumerate(row):
+                if c:
+                    ax.text(j, i, str(c), ha="center", va="center", fontsize=8,
+                            color="white" if c > peak / 2 else "black")
+    ax.set_xticks(range(len(cols)), short(cols), rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), short(rows))
     ax.set_xlabel("predicted function")
     ax.set_ylabel("reference function")
     ax.set_title(title)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerBase
 
-from calltune.formats.chat import FormatError, render_chat, render_prompt
+from calltune.formats.chat import FormatError, render_chat, render_prompt, trained_turns
 from calltune.schema import Example, Message, ToolCall
 
 FORMAT_FILE = "calltune_format.json"
@@ -38,7 +38,8 @@ class PromptFormat:
     """Base of the prompt formats. A format owns both directions:
 
     - `assistant_text(message)`: the text an assistant turn (content and/or tool calls) becomes;
-    - `render(example, tokenizer) -> (input_ids, loss_mask)` for training (assistant-only loss);
+    - `render(example, tokenizer) -> (input_ids, loss_mask)` for training (assistant-only loss;
+      an assistant turn with ``weight`` 0 is never trained, see `calltune.formats.chat.trained_turns`);
     - `prompt(example, tokenizer) -> input_ids`: the context before the final assistant turn, with
       the generation prompt, for inference;
     - `parse(text) -> Parsed`: a completion back to tool calls.
@@ -57,7 +58,11 @@ class PromptFormat:
         raise NotImplementedError
 
     def to_chat(self, messages: list[Message], tools: list[dict[str, Any]]) -> tuple[list[dict], list[dict] | None]:
-        """Turn canonical messages into text chat dicts for the template, and the `tools=` to pass."""
+        """Turn canonical messages into text chat dicts for the template, and the `tools=` to pass.
+
+        The assistant turns must stay one-to-one and in order (other roles may be merged or added):
+        `render` marks them trained by the canonical assistant messages' weights.
+        """
         out = []
         for m in messages:
             if m.role == "assistant":
@@ -71,7 +76,8 @@ class PromptFormat:
         """``(input_ids, loss_mask)`` of the whole conversation; see `calltune.formats.chat.render_chat`."""
         try:
             chat, tools = self.to_chat(example.messages, example.tools_as_dicts())
-            return render_chat(tokenizer, chat, tools, train_on=train_on, max_length=max_length)
+            return render_chat(tokenizer, chat, tools, train_on=train_on, max_length=max_length,
+                               trained=trained_turns(example.messages))
         except FormatError as err:
             raise FormatError(f"{example.where}: {err}") from None
 

@@ -5,17 +5,26 @@ prompt format for training, and `render_prompt` for inference, so training and i
 `render_segments` does the same for raw-text formats that bypass the chat template (xlam,
 function_call): ``[(text, trained), ...]`` -> ``(input_ids, loss_mask)`` by the same masking rule.
 
-Masking rule (assistant-only loss): a token is trained iff it lies inside an assistant turn's
+Masking rule (assistant-only loss): a token is trained iff it lies inside a trained assistant turn's
 content or its end-of-turn marker (the template's text between the generation prompt and the end of
 the first end-of-turn string after it). System, user and tool turns, the generation prompt
 (``<|im_start|>assistant\\n``) and whatever a template puts after end-of-turn are never trained.
+
+Which assistant turns are trained is decided in one place, `trained_turns`, for every format: not
+those with ``weight`` 0 (OpenAI's fine-tuning ``weight``, see `calltune.schema.Message`), and with
+``train_on="last"`` only the last of the others.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from calltune.schema import Message
+
+TRAIN_ON = ("all", "last")
 
 
 class FormatError(ValueError):
@@ -29,6 +38,28 @@ def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     return tokenizer.eos_token
 
 
+def select_turns(trainable: Sequence[bool], train_on: str = "all") -> list[bool]:
+    """Apply `train_on` to per-assistant-turn flags: ``"all"`` keeps them, ``"last"`` keeps only the
+    last True one (all False if there is none). Raises ValueError for another `train_on`."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {', '.join(map(repr, TRAIN_ON))}, got {train_on!r}")
+    flags = [bool(t) for t in trainable]
+    if train_on == "last":
+        last = max((k for k, t in enumerate(flags) if t), default=-1)
+        return [k == last for k in range(len(flags))]
+    return flags
+
+
+def trained_turns(messages: Sequence["Message"], train_on: str = "all") -> list[bool]:
+    """One flag per assistant message of canonical `messages`, in order: whether its tokens are trained.
+
+    A turn with ``weight`` 0 is context, never trained (OpenAI's fine-tuning ``weight``); of the
+    others, ``train_on="last"`` keeps only the last. Every format takes its trained turns from here:
+    chat formats pass them to `render_chat`, raw-text formats mark their answer segments with them.
+    """
+    return select_turns([m.trained for m in messages if m.role == "assistant"], train_on)
+
+
 def _template(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
@@ -36,15 +67,17 @@ def _template(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
                 tools: list[dict[str, Any]] | None = None, train_on: str = "all",
-                max_length: int | None = None) -> tuple[list[int], list[int]]:
+                max_length: int | None = None, trained: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
     """Render `messages` with the tokenizer's chat template and mark the trained tokens.
 
     Args:
         messages: HF chat dicts (``role``, ``content``, optional ``tool_calls``), already in the
             text the format wants the model to produce.
         tools: JSON-Schema tool dicts for templates that render tools (``tools=``).
-        train_on: ``"all"`` trains every assistant turn, ``"last"`` only the final one.
+        train_on: ``"all"`` trains every trainable assistant turn, ``"last"`` only the last of them.
         max_length: truncate to this many tokens (the mask is truncated alike).
+        trained: one flag per assistant turn of `messages`, in order: False for a turn that is never
+            trained (weight 0, see `trained_turns`); None trains them all. `train_on` applies on top.
 
     Returns:
         ``(input_ids, loss_mask)``, two lists of equal length; ``loss_mask[i] == 1`` where token i
@@ -52,13 +85,19 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
 
     Raises:
         FormatError: the template's output for a prefix is not a prefix of the whole (a template
-            that rewrites earlier turns can't be masked this way), or no end-of-turn follows a turn.
+            that rewrites earlier turns can't be masked this way), no end-of-turn follows a turn, or
+            `trained` does not have one flag per assistant turn.
     """
     eot = end_of_turn(tokenizer)
-    text = _template(tokenizer, messages, tools, add_generation_prompt=False)
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if train_on == "last":
-        assistant_turns = assistant_turns[-1:]
+    if trained is None:
+        trained = [True] * len(assistant_turns)
+    if len(trained) != len(assistant_turns):
+        raise FormatError(f"{len(trained)} trained flags for {len(assistant_turns)} assistant turns; the format's "
+                          "chat must keep the example's assistant turns one-to-one and in order")
+    flags = select_turns(trained, train_on)
+    assistant_turns = [i for i, flag in zip(assistant_turns, flags) if flag]
+    text = _template(tokenizer, messages, tools, add_generation_prompt=False)
     spans = []
     for i in assistant_turns:
         before = _template(tokenizer, messages[:i], tools, add_generation_prompt=True)

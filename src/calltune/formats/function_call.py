@@ -6,11 +6,11 @@
      {"function_call":{"name":"f","arguments":{...}}} {eos}
 
 An answer is `` {"function_call":{...}} `` (compact JSON, a space on each side, as the dataset has it)
-or `` {text} ``, then the eos token; only the answers and their eos are trained. Later turns follow
-as ``{bos}[INST] {user} [/INST] {answer} {eos}`` (the dataset's ``</s><s>[INST] ...``; bos only when
-the tokenizer adds one by default, so SmolLM2 gets ``...<|im_end|>[INST] ...``). The chat template is
-not used; tokenization restarts at each answer, where a prompt ends, so prompt ids are a prefix of
-the training ids.
+or `` {text} ``, then the eos token; only the answers and their eos are trained (not those with
+``weight`` 0). Later turns follow as ``{bos}[INST] {user} [/INST] {answer} {eos}`` (the dataset's
+``</s><s>[INST] ...``; bos only when the tokenizer adds one by default, so SmolLM2 gets
+``...<|im_end|>[INST] ...``). The chat template is not used; tokenization restarts at each answer,
+where a prompt ends, so prompt ids are a prefix of the training ids.
 
 - The ``<<API>>`` block appears when the example has tools; its instruction is the example's system
   text, else the dataset's fixed instruction (`INSTRUCTION`, typo kept: it is what the data shows).
@@ -35,7 +35,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from calltune.formats.base import Parsed, PromptFormat
-from calltune.formats.chat import FormatError, bos_prefix, end_of_turn, render_segments
+from calltune.formats.chat import FormatError, bos_prefix, end_of_turn, render_segments, trained_turns
 from calltune.formats.tool_json import CallError, call_from_object, result_value, snippet, tool_names
 from calltune.schema import Example, Message
 
@@ -79,7 +79,7 @@ class FunctionCallFormat(PromptFormat):
         body = messages[1:] if system is not None else messages
         names = tool_names(messages)
         offset = 1 if system is not None else 0
-        last_answer = max((k for k, m in enumerate(body) if m.role == "assistant"), default=-1)
+        trained = iter(trained_turns(body, train_on))  # one flag per answer, in order
         bos, eos = bos_prefix(tokenizer), end_of_turn(tokenizer)
         segments: list[tuple[str, bool]] = []
         cuts: list[int] = []
@@ -107,7 +107,7 @@ class FunctionCallFormat(PromptFormat):
                 except FormatError as err:
                     raise FormatError(f"{example.where}: {turn}: {err}") from None
                 cuts.append(len(segments))
-                segments.append((answer + eos, train_on == "all" or k == last_answer))
+                segments.append((answer + eos, next(trained)))
             elif m.role == "tool":
                 payload = {"name": names.get(k + offset)} if names.get(k + offset) else {}
                 payload["content"] = result_value(m.content)

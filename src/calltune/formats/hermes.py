@@ -19,6 +19,10 @@ final ``</tool_call>`` (generation stopped at end-of-turn), arguments given as a
 that is not a JSON call object, ``</tool_call>`` without ``<tool_call>``, or an unclosed block followed
 by another is an error. Text outside the blocks is returned as ``content``.
 
+Option ``compact`` (off by default) writes the tools as compact JSON of their function objects
+(``{"name":...,"description":...,"parameters":...}``, no ``"type": "function"`` wrapper, no spaces)
+after a shorter instruction, `COMPACT_INSTRUCTION`; calls, results and parsing are unchanged.
+
 Dotted function names (BFCL's ``math.factorial``) are kept as they are by default: JSON strings hold
 dots, and the model should call the name it was shown. Option ``dot_replacement`` (e.g. ``"_dot_"``)
 renders every ``.`` in tool and call names as that string instead, for models or APIs that want
@@ -29,6 +33,7 @@ replacement can't round-trip and raises `FormatError` at render time.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from calltune.formats.base import Parsed, PromptFormat
@@ -44,6 +49,15 @@ INSTRUCTION = (
     "For each function call, return a JSON object with the function name and arguments within "
     "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
     "<args-json-object>}}\n</tool_call>"
+)
+
+
+# `compact=True`: a shorter instruction and tools as compact JSON of their function objects, for
+# small models whose every prompt token costs training and prefill time.
+COMPACT_INSTRUCTION = (
+    "You can call these functions:\n<tools>\n{tools}\n</tools>\n"
+    "To call one or more, answer with <tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}"
+    "\n</tool_call> blocks. If none of them fits the request, say so in plain text."
 )
 
 
@@ -88,13 +102,14 @@ class HermesFormat(PromptFormat):
 
     name = "hermes"
 
-    def __init__(self, dot_replacement: str | None = None):
+    def __init__(self, dot_replacement: str | None = None, compact: bool = False):
         if dot_replacement is not None and (not dot_replacement or "." in dot_replacement):
             raise ValueError(f"dot_replacement must be a non-empty string without '.', got {dot_replacement!r}")
         self.dot_replacement = dot_replacement
+        self.compact = compact
 
     def options(self) -> dict[str, Any]:
-        return {"dot_replacement": self.dot_replacement}
+        return {"dot_replacement": self.dot_replacement, "compact": self.compact}
 
     # -- names ---------------------------------------------------------------------------------
     def _render_name(self, name: str) -> str:
@@ -124,7 +139,11 @@ class HermesFormat(PromptFormat):
         tools = copy.deepcopy(tools)
         for tool in tools:
             tool["function"]["name"] = self._render_name(tool["function"]["name"])
-        block = INSTRUCTION.format(tools="\n".join(dumps(t) for t in tools))
+        if self.compact:
+            listed = "\n".join(json.dumps(t["function"], ensure_ascii=False, separators=(",", ":")) for t in tools)
+            block = COMPACT_INSTRUCTION.format(tools=listed)
+        else:
+            block = INSTRUCTION.format(tools="\n".join(dumps(t) for t in tools))
         return f"{system}\n\n{block}" if system else block
 
     def tool_response(self, name: str | None, content: str | None) -> str:

@@ -3,9 +3,10 @@
     <user>{query}</user>\\n\\n<tools>{tool}\\n{tool}</tools>\\n\\n<calls>{call}\\n{call}</calls>{eos}
 
 (a bos token in front when the tokenizer adds one by default). Only ``<calls>...</calls>`` and the
-eos are trained; `prompt` is everything up to and including ``<calls>``, so a completion is
-``{call}\\n{call}</calls>``. Tokenization restarts after ``<calls>`` so the prompt ids are exactly a
-prefix of the training ids. A no-call answer (xLAM's ``answers == "[]"``) is ``<calls></calls>``.
+eos are trained (nothing when the assistant turn has ``weight`` 0); `prompt` is everything up to
+and including ``<calls>``, so a completion is ``{call}\\n{call}</calls>``. Tokenization restarts
+after ``<calls>`` so the prompt ids are exactly a prefix of the training ids. A no-call answer
+(xLAM's ``answers == "[]"``) is ``<calls></calls>``.
 
 Tools are ``{"name", "description", "parameters"}`` with the canonical JSON-Schema parameters (not
 xLAM's flat map), calls ``{"name", "arguments"}``, each written with `json.dumps`. The seed wrote
@@ -24,7 +25,7 @@ import json
 from transformers import PreTrainedTokenizerBase
 
 from calltune.formats.base import Parsed, PromptFormat
-from calltune.formats.chat import FormatError, bos_prefix, end_of_turn, render_segments
+from calltune.formats.chat import FormatError, bos_prefix, end_of_turn, render_segments, trained_turns
 from calltune.formats.tool_json import CallError, call_from_object, dumps
 from calltune.schema import Example, Message
 
@@ -59,9 +60,10 @@ class XlamFormat(PromptFormat):
             answer = self.assistant_text(example.messages[1])
         except FormatError as err:
             raise FormatError(f"{example.where}: {err}") from None
+        trained = trained_turns(example.messages, train_on)[0]  # False for weight 0: nothing is trained
         # tokenization restarts after <calls>, where the prompt ends (see render_segments)
-        segments = [(bos_prefix(tokenizer) + context, False), (OPEN, True),
-                     (answer.removeprefix(OPEN) + end_of_turn(tokenizer), True)]
+        segments = [(bos_prefix(tokenizer) + context, False), (OPEN, trained),
+                    (answer.removeprefix(OPEN) + end_of_turn(tokenizer), trained)]
         return render_segments(tokenizer, segments, max_length=max_length, cuts=[2])
 
     def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -66,6 +66,11 @@ CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "irr
               "simple_javascript", "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
               "live_irrelevance", "live_relevance")
 ALIASES = {"simple": "simple_python", "java": "simple_java", "javascript": "simple_javascript"}
+# BFCL's non-live single-turn AST categories, every entry of its leaderboard's non-live table (the parts of
+# `calltune.evaluate.bfcl_checker.NON_LIVE_SUMMARY`, plus irrelevance): the default job's held-out eval set
+# and `calltune eval --benchmark bfcl`'s default. Join with "," where a comma string is wanted.
+NON_LIVE_EVAL = ("simple_python", "simple_java", "simple_javascript", "multiple", "parallel", "parallel_multiple",
+                 "irrelevance")
 NO_ANSWER_CATEGORIES = frozenset({"irrelevance", "live_irrelevance", "live_relevance"})
 
 NO_CALL_REPLY = "I can't help with that using the available tools."

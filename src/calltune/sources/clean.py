@@ -284,6 +284,7 @@ def check_calls(example: Example, cfg: CleanConfig, validators: SchemaValidators
                 repairs: list[tuple[str, str]]) -> str | None:
     """Repair (in place, on `example`) and validate every call; the reject reason, or None if all pass.
 
+    Calls of assistant turns with ``weight=0`` are context, not targets, and are not checked.
     Calls are checked per function name, in order of first appearance. With
     ``resolve_duplicate_tools``, a name the source declared twice (the later definitions are in
     ``meta["dropped_duplicate_tools"]``) is checked against each definition in turn, and the first
@@ -292,6 +293,8 @@ def check_calls(example: Example, cfg: CleanConfig, validators: SchemaValidators
     tools = {t.name: t for t in example.tools}
     groups: dict[str, list[tuple[str, ToolCall]]] = {}
     for k, message in enumerate(example.messages):
+        if message.weight == 0:  # a context turn (e.g. a deliberately broken call): not a training target
+            continue
         for j, call in enumerate(message.tool_calls or []):
             groups.setdefault(call.name, []).append((f"messages[{k}].tool_calls[{j}]", call))
     dropped = example.meta.get("dropped_duplicate_tools") or []

@@ -11,8 +11,13 @@ Each line goes through the schema; a `SchemaError` becomes the reject reason ``s
 (its message names the field path). Beyond the schema, a row is rejected when a call names a function its tools do not
 declare (when it declares any), when a ``tool`` message's ``tool_call_id`` matches no earlier call,
 or when arguments hold NaN/Infinity. Accepted on the way in: content given as a list of
-``{"type": "text", "text": ...}`` parts (joined), the fine-tuning ``weight`` key on messages (kept as
-``meta["weights"]``, one entry per message, None where absent); other top-level keys go to ``meta``.
+``{"type": "text", "text": ...}`` parts (joined); other top-level keys go to ``meta``.
+
+The fine-tuning ``weight`` of an assistant message (0 or 1; 0: the turn is context, not trained,
+https://platform.openai.com/docs/guides/fine-tuning) becomes `Message.weight`, which every prompt
+format honours. Any other value, or a ``weight`` on a non-assistant message, rejects the row with
+``bad weight: messages[k].weight ...``. `Example.messages_as_dicts()` leaves ``weight`` out (it is
+what chat templates get); `Example.to_json()` keeps it.
 """
 
 from __future__ import annotations
@@ -37,26 +42,37 @@ def _content_text(content: Any, k: int) -> Any:
     return "".join(p["text"] for p in content)
 
 
+def _check_weight(message: dict[str, Any], k: int) -> None:
+    """OpenAI's fine-tuning ``weight``: absent/null, or the integer 0 or 1 on an assistant message."""
+    weight = message.get("weight")
+    if weight is None:
+        return
+    if type(weight) is not int or weight not in (0, 1):
+        raise RowError(f"bad weight: messages[{k}].weight must be 0 or 1, got {weight!r}")
+    if message.get("role") != "assistant":
+        raise RowError(f"bad weight: messages[{k}].weight is only allowed on assistant messages, "
+                       f"not on role {message.get('role')!r}")
+
+
 def openai_jsonl_row_to_example(row: dict[str, Any], where: str, i: int) -> Example:
     """Validate one ``{"messages", "tools"?}`` row into an `Example`.
 
     Raises:
-        RowError: ``schema error: <the SchemaError message, naming the field path>``; an undeclared
-            function, a dangling ``tool_call_id``, NaN/Infinity in arguments.
+        RowError: ``schema error: <the SchemaError message, naming the field path>``; a ``weight``
+            other than 0/1 or not on an assistant message; an undeclared function, a dangling
+            ``tool_call_id``, NaN/Infinity in arguments.
     """
     raw_messages = field(row, "messages", list)
-    messages, weights = [], []
+    messages = []
     for k, message in enumerate(raw_messages):
         if not isinstance(message, dict):
             raise RowError(f"bad message: messages[{k}] is {type(message).__name__}, not an object")
         message = dict(message)
-        weights.append(message.pop("weight", None))
+        _check_weight(message, k)
         if "content" in message:
             message["content"] = _content_text(message["content"], k)
         messages.append(message)
     meta = {key: value for key, value in row.items() if key not in ("messages", "tools")}
-    if any(w is not None for w in weights):
-        meta["weights"] = weights
     try:
         example = Example(messages=messages, tools=row.get("tools") or [], source=where, row=i, meta=meta)
     except SchemaError as err:

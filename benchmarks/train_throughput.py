@@ -34,7 +34,7 @@ random order (full fine-tuning, forward + backward + AdamW step of 8 batches aft
 throwaway loop calling `selected_loss` on 2026-11-23), packed batches ran at 257 tokens/s and padded
 ones at 189 and 191 (with glibc's malloc thresholds raised by environment variables: packed 250,
 padded 209 and 215): a random batch is padded to its longest row, packing gives that back.
-Length-grouped padded batches carry little padding as well, but trained worse on ViGGO (README).
+Length-grouped padded batches carry little padding as well, but trained worse on ViGGO (docs/results.md).
 
 TRL side, the baseline a user would write: a `datasets.Dataset` with one conversational ``messages``
 column, ``SFTTrainer(model=<folder>, args=SFTConfig(output_dir, per_device_train_batch_size,

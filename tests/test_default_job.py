@@ -63,6 +63,11 @@ def test_calltune_run_without_a_recipe_runs_the_bfcl_job(tmp_path, smollm2_path)
     data = summary["data"]
     assert data["loaded_train_examples"] == 10 and data["eval_examples"] == len(NON_LIVE_EVAL)  # 2 per live category, 1 per held-out
     assert data["train_examples"] + data["rejected_rows"] >= data["loaded_train_examples"]
+    augmented = data["augment"]
+    assert augmented["new"] > 0 and augmented["output"] == augmented["originals"] + augmented["new"]
+    assert augmented["output"] == data["train_examples"]
+    assert set(augmented["rules"]) == {"irrelevance", "parallel", "parallel_multiple", "self_correction",
+                                       "answer_after_results"}
     for side in ("eval_base", "eval_tuned"):
         bfcl = summary[side]["bfcl"]
         assert bfcl["total"] == {c: 1 for c in NON_LIVE_EVAL}
@@ -71,6 +76,8 @@ def test_calltune_run_without_a_recipe_runs_the_bfcl_job(tmp_path, smollm2_path)
     assert "BFCL, official AST checker (bfcl-eval " in report
     assert all(f"| {c} | 1 |" in report for c in NON_LIVE_EVAL)
     assert "BFCL, official AST checker" in result.output  # the table is printed too
+    assert "| non-live AST summary | 6 |" in report and "| simple (mean of Python, Java, JavaScript) | 3 |" in report
+    assert f"{augmented['new']} new examples" in report
     assert json.loads((tmp_path / "model" / "calltune_format.json").read_text())["name"] == "hermes"
 
 

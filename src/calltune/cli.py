@@ -213,7 +213,7 @@ def data_clean(source: str = typer.Option(..., "--source", help="dataset adapter
                val_output: Optional[Path] = typer.Option(None, "--val-output", help="move --val-fraction of the kept examples here"),
                rejects: Optional[Path] = typer.Option(None, "--rejects", help="every dropped row with stage and reason (JSONL)"),
                trailing_user: str = typer.Option("trim", "--trailing-user", help="conversations ending on a user/tool turn: keep, drop or trim"),
-               remove_no_call: bool = typer.Option(False, "--remove-no-call", help="drop examples without any tool call (seed 004's --remove-no-fc)"),
+               remove_no_call: bool = typer.Option(False, "--remove-no-call", help="drop examples without any tool call (the Llama-3 glaive-v2 project's --remove-no-fc)"),
                max_no_call_fraction: Optional[float] = typer.Option(None, "--max-no-call-fraction", help="drop no-call examples (seeded) until at most this share"),
                coerce_types: bool = typer.Option(True, "--coerce-types/--no-coerce-types", help="repair '42' -> 42 etc. before validating"),
                dedupe: bool = typer.Option(True, "--dedupe/--no-dedupe", help="drop repeated examples"),
@@ -265,7 +265,7 @@ def data_augment(input_: str = typer.Option(..., "--input", help="canonical JSON
     console.print_json(json.dumps(report))
 
 
-# -- serving, chat and export (issue 6) ------------------------------------------------------------
+# -- serving, chat and export ---------------------------------------------------------------------
 def _served_models(model: Optional[str], named: list[str]) -> dict[str, str]:
     """``calltune serve PATH`` and/or ``--model NAME=PATH ...`` -> ``{name: path}`` (PATH alone is named PATH)."""
     out: dict[str, str] = {}

@@ -97,6 +97,26 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _data_lines(data: dict[str, Any]) -> list[str]:
+    """The report's data section: cleaning, augmentation and rejects counts (`prepare`'s summary)."""
+    lines = ["", "## Data", "", f"- loaded training examples: {data['loaded_train_examples']}; trained on: "
+             f"{data['train_examples']}; eval examples: {data['eval_examples']}"]
+    if data.get("clean"):
+        c = data["clean"]
+        lines.append(f"- cleaning: kept {c['kept']} of {c['input']}, rejected {c['rejected'] or 'none'}")
+    if data.get("augment"):
+        a = data["augment"]
+        lines.append(f"- augmentation: {a['originals']} originals kept of {a['input']} (mix {a['mix'] or 'all'}; "
+                     f"{a['trimmed_tool_lists']} tool lists trimmed), {a['new']} new examples:")
+        lines += [f"  - {rule}: {r['made']} made of {r['asked']} asked, {r['rejected']} rejected by the schema check"
+                  for rule, r in a["rules"].items()]
+        lines.append(f"- calls in the trained examples: {a['categories_after']}")
+    if data.get("rejects_by_reason"):
+        lines.append("- rejected rows by stage and reason (`rejects.jsonl`; `render: N tokens` = longer than "
+                     "max_length): " + ", ".join(f"{k}: {v}" for k, v in sorted(data["rejects_by_reason"].items())))
+    return lines
+
+
 def write_report(recipe: Recipe, out: Path, summary: dict[str, Any]) -> Path:
     """Write ``report.md`` from the run's summary (also saved as ``summary.json``).
 
@@ -136,6 +156,7 @@ def write_report(recipe: Recipe, out: Path, summary: dict[str, Any]) -> Path:
                    for key, cats in (ref.get("summary_missing") or {}).items() if not any(key in s for s in sides)]
         if lacking:
             lines += ["", "Not reported, not every category evaluated: " + "; ".join(lacking) + "."]
+    lines += _data_lines(summary["data"])
     lines += ["", "## Training", "",
               f"- optimizer steps: {t.get('steps')}, examples: {t.get('train_examples')}",
               f"- wall time: {t.get('seconds', 0):.0f} s; training tokens/s (non-padding): {t.get('tokens_per_s', 0):.0f}",

@@ -24,12 +24,12 @@ class DataConfig(BaseModel):
     """Where the examples come from. Paths are relative to the working directory, or hub ids."""
 
     model_config = ConfigDict(extra="forbid")
-    source: str = Field(description="dataset adapter, e.g. viggo, xlam, glaive, llama_functions, hermes, openai")
+    source: str = Field(description="dataset adapter: viggo, xlam, glaive, llama_functions, hermes, openai_jsonl, bfcl")
     hub_id: str | None = Field(None, description="the dataset's hub id, loaded when `train` is not given")
     train: str | None = Field(None, description="training file (or hub id); overrides hub_id")
     train_split: str = Field("train", description="split of a hub dataset")
     eval: str | None = Field(None, description="evaluation file or hub id (default: hold out val_fraction of the "
-                                               "cleaned training examples, seeded, as seed 003's service does)")
+                                               "cleaned training examples, seeded, as the hosted fine-tuning API does)")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for eval when `eval` is not given")
     eval_split: str = Field("validation", description="split of a hub dataset for eval")
     limit: int | None = Field(None, ge=1, description="use only the first N training rows (per category for bfcl)")

@@ -34,14 +34,11 @@ def flush_denormals() -> bool:
     """Make this thread, and the threads it starts later, treat denormal floats as zero (FTZ/DAZ).
 
     As training drives the loss down, softmax probabilities and gradients underflow into the
-    denormal range, which x86 CPUs compute tens of times slower than normal floats: a full ViGGO
-    run slowed from ~7 to ~11 s per step over its epoch. Measured here (forward + backward + AdamW
-    step of 5 packed batches of 16 ViGGO rows, 2026-11-23): 232 tokens/s for the fully trained model
-    without, 262 with (the base model: 257); the full ViGGO recipe trained in 2,590 s with it against
-    3,307 s without (README). Values below 1.2e-38 (fp32 and bf16 share that range) become 0, far
-    below anything that moves a weight update. `calltune` calls it at start-up, before PyTorch starts
-    its worker threads (which copy the setting when they are created); `train` calls it again.
-    Returns whether the CPU supports it.
+    denormal range, which x86 CPUs compute far slower than normal floats, so a run slows down as it
+    learns (figures in docs/design.md). Values below 1.2e-38 (fp32 and bf16 share that range)
+    become 0, far below anything that moves a weight update. `calltune` calls it at start-up,
+    before PyTorch starts its worker threads (which copy the setting when they are created);
+    `train` calls it again. Returns whether the CPU supports it.
     """
     return torch.set_flush_denormal(True)
 
@@ -55,13 +52,11 @@ def keep_freed_memory() -> bool:
 
     Generation allocates and frees tensors of changing sizes at every step (scores, the slot cache
     when it is re-laid out); by default glibc maps many of them fresh with ``mmap`` and returns them
-    on ``free``, so every new block is paid for again in page faults. Measured on the 714 ViGGO valid
-    rows (``calltune.infer.generate`` at batch 192, 2026-11-24, `/usr/bin/time`): 2.03 million minor
-    page faults and 6.1 s of system time without, 0.75 million and 2.7 s with. The price is resident
-    memory that stays mapped after it is freed, so `calltune eval`, `calltune serve` and the
-    pipeline's last evaluation use it, and training does not. Fixing the thresholds turns off glibc's
-    dynamic adjustment of them for the rest of the process. Returns False where glibc is not the C
-    library (nothing is changed).
+    on ``free``, so every new block is paid for again in page faults (figures in docs/design.md).
+    The price is resident memory that stays mapped after it is freed, so `calltune eval`,
+    `calltune serve` and the pipeline's last evaluation use it, and training does not. Fixing the
+    thresholds turns off glibc's dynamic adjustment of them for the rest of the process. Returns
+    False where glibc is not the C library (nothing is changed).
     """
     libc = _libc()
     if libc is None:

@@ -1,6 +1,6 @@
 """Function-call metrics. Extraction (a format's `parse`) happens before; this module only scores.
 
-Owns the ViGGO metrics of the Levanter tutorial (seed 001: function name accuracy, attribute set
+Owns the ViGGO metrics of the Levanter ViGGO tutorial (function name accuracy, attribute set
 accuracy, attribute value accuracy, overall accuracy = their mean), plus exact match and the rate of
 unparseable outputs. The tutorial names the metrics and reports them in [0, 1] but prints no code;
 the definitions below are the reading of those names used throughout calltune:

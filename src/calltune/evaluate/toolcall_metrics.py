@@ -8,7 +8,7 @@ Definitions (each a share of examples in [0, 1], higher is better):
 
 - function name accuracy: the multiset of predicted function names equals the reference's
   (order-free; a parallel answer must name each function as many times as the reference). The
-  ViGGO metric of the same name (seed 001, Levanter tutorial; `calltune.evaluate.metrics`)
+  ViGGO metric of the same name (Levanter ViGGO tutorial; `calltune.evaluate.metrics`)
   generalised to several calls. A correct no-call (both empty) counts as correct.
 - exact call accuracy: the predicted calls equal the reference calls as multisets of canonical JSON
   (``{"name", "arguments"}`` with sorted keys; numbers compare by value, so ``2.0 == 2``, but

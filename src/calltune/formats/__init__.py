@@ -4,9 +4,10 @@ Owns the format registry: `get_format(name)` and `FORMATS`. Each format renders 
 parses for inference (see `calltune.formats.base.PromptFormat`).
 
 Tool-calling formats: ``hermes`` (built-in ``<tool_call>`` convention, for templates that ignore
-tools), ``chat_template`` (the model's own template with ``tools=``), ``xlam`` (seed 002 raw text),
-``function_call`` (seed 003 Llama-2 raw text), ``tool_uses`` (seed 004). ``get_format("auto",
-tokenizer=tok)`` picks chat_template or hermes for a tokenizer (`default_format_for`).
+tools), ``chat_template`` (the model's own template with ``tools=``), ``xlam`` (the raw text of the
+Phi-3 QLoRA recipe on xLAM-60k), ``function_call`` (the Llama-2 raw text of llama_functions),
+``tool_uses`` (the Llama-3 LoRA project on glaive-v2). ``get_format("auto", tokenizer=tok)`` picks
+chat_template or hermes for a tokenizer (`default_format_for`).
 """
 
 from __future__ import annotations

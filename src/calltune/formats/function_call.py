@@ -1,5 +1,5 @@
-"""The llama_functions layout of seed 003 (marclove/llama_functions, Scale LLM Engine tutorial), raw text
-(one string, wrapped here)::
+"""The llama_functions layout (marclove/llama_functions, as the Scale LLM Engine fine-tuning tutorial
+uses it), raw text (one string, wrapped here)::
 
     {bos}[INST] <<SYS>>\\n<<API>>\\n{instruction}\\n\\n```\\n{"functions":[...]}\\n```\\n<</API>>\\n<</SYS>>
     \\n\\n{user} [/INST]

@@ -1,6 +1,7 @@
-"""The ``tool_uses`` layout of seed 004 (michaelnny/Llama3-FunctionCalling), through the model's chat template.
+"""The ``tool_uses`` layout of the Llama-3 LoRA project on glaive-v2 (michaelnny/Llama3-FunctionCalling),
+through the model's chat template.
 
-The seed's three design points, as its repository implements them (``solution_design.md``,
+The project's three design points, as its repository implements them (``solution_design.md``,
 ``llama3/core/prompt.py``, ``llama3/core/tokenizer.py``):
 
 - **function metadata in the system prompt**: an OpenAI-style ``# Tools / ## functions / namespace
@@ -11,7 +12,7 @@ The seed's three design points, as its repository implements them (``solution_de
 - **calls**: the assistant answers ``{"tool_uses": [{"recipient_name": "functions.NAME",
   "parameters": {...}}]}``, one entry per call (parallel calls in one list), JSON inside a
   ```` ```json ```` fence as the repository's tokenizer wrote it; text content, if any, comes before
-  the fence, separated by a blank line. The seed README does not give the inner shape; this is the
+  the fence, separated by a blank line. The project's README does not give the inner shape; this is the
   one the repository documents (it mirrors OpenAI's ``multi_tool_use.parallel``);
 - **results**: a ``tool`` role turn holding a fenced JSON list of the results, one entry per call
   (consecutive ``tool`` messages are merged); a result is its JSON object/array when the text is one,

@@ -1,5 +1,5 @@
 """The ViGGO meaning-representation format: the answer is ``act(attr[value], ...)`` as the corpus
-writes it (the Levanter tutorial's target, seed 001), inside the model's chat template.
+writes it (the Levanter ViGGO tutorial's target), inside the model's chat template.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The xLAM raw-text layout of seed 002 (Phi-3 + xlam-function-calling-60k), without the chat template::
+"""The xLAM raw-text layout of the Phi-3 QLoRA recipe on xlam-function-calling-60k, without the chat template::
 
     <user>{query}</user>\\n\\n<tools>{tool}\\n{tool}</tools>\\n\\n<calls>{call}\\n{call}</calls>{eos}
 
@@ -9,7 +9,7 @@ after ``<calls>`` so the prompt ids are exactly a prefix of the training ids. A 
 (xLAM's ``answers == "[]"``) is ``<calls></calls>``.
 
 Tools are ``{"name", "description", "parameters"}`` with the canonical JSON-Schema parameters (not
-xLAM's flat map), calls ``{"name", "arguments"}``, each written with `json.dumps`. The seed wrote
+xLAM's flat map), calls ``{"name", "arguments"}``, each written with `json.dumps`. That recipe wrote
 them with Python ``str()`` (``{'name': 'f', 'arguments': {'flag': True}}``), which is neither JSON
 nor safely parseable; JSON reads back exactly with `json.loads`.
 

@@ -4,14 +4,10 @@ Owns the grammar of a prompt format's tool calls (`tool_call_grammar`), the `Gra
 hook that masks every token the grammar forbids, and `generate_constrained`: calltune's batched
 generation (`calltune.infer.generate.generate`) with one grammar (or none) per prompt.
 
-The grammar engine is llguidance (https://github.com/guidance-ai/llguidance, MIT; the engine behind
-OpenAI's and vLLM's structured outputs and llama.cpp's ``%llguidance`` grammars). Chosen over
-xgrammar (pulls in triton on Linux, hundreds of MB, for a GPU kernel this CPU project never uses),
-outlines (large dependency tree, and its transformers integration compiles a regex index per schema)
-and lm-format-enforcer (JSON Schema only: it can't express "text, or ``<tool_call>`` blocks of these
-schemas"). llguidance is one 3 MB wheel with no dependencies, builds a token mask in ~50 µs per step
-on CPU, and takes Lark grammars with inline JSON Schemas (``%json {...}``), so a format's whole output
--- optional text, ``<tool_call>`` wrappers, the call JSON -- is one grammar.
+The grammar engine is llguidance (https://github.com/guidance-ai/llguidance, MIT): a small wheel
+with no dependencies that computes token masks on the CPU and takes Lark grammars with inline JSON
+Schemas (``%json {...}``), so a format's whole output -- optional text, ``<tool_call>`` wrappers, the
+call JSON -- is one grammar. Why it and not xgrammar, outlines or lm-format-enforcer: docs/design.md.
 
 For the hermes format each call is ``<tool_call>\\n{"name": N, "arguments": A}\\n</tool_call>``, with N
 one of the offered tool names and A valid against that tool's ``parameters`` schema (with
@@ -141,7 +137,7 @@ _TOKENIZERS_LOCK = threading.Lock()
 
 
 def ll_tokenizer(tokenizer):
-    """llguidance's view of a HF fast tokenizer (built once per tokenizer object: ~0.6 s)."""
+    """llguidance's view of a HF fast tokenizer, built once per tokenizer object (building it is slow)."""
     llguidance = _require()
     import llguidance.hf
 
@@ -172,8 +168,8 @@ def _pristine_matcher(tokenizer, grammar: str):
 def compile_grammar(tokenizer, grammar: str):
     """A fresh `LLMatcher` for `grammar`; raises ConstrainedDecodingError if it does not compile.
 
-    Each grammar text is compiled once per tokenizer (checking a request's grammar and decoding
-    under it used to compile it twice); every call returns a deep copy of that untouched matcher,
+    Each grammar text is compiled once per tokenizer (so checking a request's grammar and then
+    decoding under it compile it once); every call returns a deep copy of that untouched matcher,
     so every caller gets its own decoding state. The most recent 256 grammars are kept; a grammar
     that fails to compile is not cached.
     """

@@ -1,8 +1,8 @@
 """Batched generation for evaluation and serving.
 
 Owns `load_for_inference` (model + tokenizer + the prompt format saved with it; LoRA adapters are
-merged in memory and the weights cast to bf16, which runs ~3x faster than fp32 on AVX-512-BF16 CPUs)
-and `generate` (greedy or sampled decoding of many prompts, batched by length).
+merged in memory and the weights cast to bf16, which CPUs with AVX-512 BF16 run several times faster
+than fp32) and `generate` (greedy or sampled decoding of many prompts, batched by length).
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     its mask built by transformers' eager mask): query (B, H, q, D), key and value (B, Hkv, L, D) with
     H = Hkv * g; returns ((B, q, H, D), None). The g query heads that share a key/value head are
     stacked into one (g * q)-row matmul, where transformers' eager attention first repeats every key
-    and value g times and PyTorch's CPU SDPA kernel tiles over q: at a decode step (q = 1) on this CPU
-    those cost ~3.4 ms (SDPA) and ~2 ms (eager) per layer for 38 rows of ~100 cached tokens. With
-    q > 1 (a prefill) the fused SDPA kernel is the faster one, and `_prefill_attention` uses it.
+    and value g times and PyTorch's CPU SDPA kernel tiles over q; both are slower at a decode step
+    (q = 1). With q > 1 (a prefill) the fused SDPA kernel is the faster one, and `_prefill_attention`
+    uses it (figures in docs/design.md).
 
     `calltune_prefix` (passed through the model's forward kwargs by `generate`): per layer, the keys
     and values (1, Hkv, P, D) of a prefix that comes before every row's own `key`/`value` and that
@@ -88,11 +88,10 @@ def gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
 def _prefill_attention(module, query, key, value, attention_mask, scaling, prefix):
     """`gqa_attention` for q > 1 (a prefill): PyTorch's fused CPU attention (SDPA, with ``enable_gqa``)
-    over the shared prefix's keys and values followed by the rows' own. For a 48-prompt chunk of 55
-    tokens behind ViGGO's 53-token prefix it took 8.8 ms per layer here against 17.1 ms for the
-    matmul-and-softmax path decode steps use, which materialises fp32 scores for every query.
-    A query that may see no column (left padding with no prefix) is let see all of them: its output is
-    never read, but a NaN there would reach real rows through 0-weighted values."""
+    over the shared prefix's keys and values followed by the rows' own; with many queries per row it
+    is faster than the matmul-and-softmax path decode steps use, which materialises fp32 scores for
+    every query. A query that may see no column (left padding with no prefix) is let see all of
+    them: its output is never read, but a NaN there would reach real rows through 0-weighted values."""
     b, _, q, _ = query.shape
     length = key.shape[2]
     allowed = None if attention_mask is None else attention_mask[..., :length] == 0  # (b, 1, q, length)
@@ -127,13 +126,10 @@ def _linear_2d(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def fast_decode_linears(model: torch.nn.Module) -> torch.nn.Module:
     """Make every `nn.Linear` flatten decode-step inputs of shape (B, 1, K) to (B, K).
 
-    On CPU, PyTorch ran a bf16 linear on a (B, 1, K) input about 5x slower than on the same data
-    shaped (B, K) (measured here when this was written: 3.9 ms vs 0.8 ms for B=48, K=576, N=1536; a
-    later micro-benchmark on torch 2.13 found them equal, 0.60 vs 0.61 ms at B=120), and a decode step
-    of batched generation is exactly that shape. The math is the same; the two kernels
-    round bf16 partial sums differently, so greedy outputs can differ where two tokens are nearly tied.
-    (Stacking gate and up projections into one matmul was measured too: 61.7 vs 61.6 s for the 714
-    ViGGO rows, so it is not done.)
+    Some PyTorch CPU builds run a bf16 linear on a (B, 1, K) input several times slower than on the
+    same data shaped (B, K) (docs/design.md), and a decode step of batched generation is exactly that
+    shape. The math is the same; the two kernels round bf16 partial sums differently, so greedy
+    outputs can differ where two tokens are nearly tied.
     """
     import types
 
@@ -177,11 +173,10 @@ class SlotLayer(CacheLayerMixin):
     A decode step writes each row's key and value in place at its own column (`columns`) and returns
     the first `rows_live` slots, a contiguous view. `width` follows the longest live row in steps of
     `WIDTH_STEP`; changing it re-lays the live slots out into a second storage (the two are allocated
-    once, at the largest width, and zeroed only as far as the widths reach). Measured here at 128 rows
-    of ~125 tokens (SmolLM2's 3 key/value heads), attention per layer takes 1.8 ms on a contiguous
-    cache of the live width, 4.1 ms on a strided view of a wider one and 4.4 ms on a contiguous one of
-    the largest width, while `DynamicCache` also copies the whole cache at every step to append one
-    column (~40% of a decode step at 120 rows).
+    once, at the largest width, and zeroed only as far as the widths reach). Attention reads a
+    contiguous cache of the live width faster than a strided view of a wider one or a cache of the
+    largest width, and `DynamicCache` would copy the whole cache at every step to append one column
+    (figures in docs/design.md).
     """
 
     is_compileable = False
@@ -275,7 +270,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
     `batch_size` rows decode together; a row that writes end-of-turn leaves the batch at once and,
     when a quarter of the batch is free, the next prompts are prefilled and join it, so decode steps
     run at a full batch until the prompts run out (what serving engines such as vLLM and TGI do).
-    Further savings (measured in ``benchmarks/generate_throughput.py``):
+    Further savings (``benchmarks/generate_throughput.py`` times the whole):
 
     - **shared prefix**: prompts usually share a long prefix (the system prompt, the instruction, the
       tools; for ViGGO 53 of 89 tokens). The prefix common to *all* prompts is computed once per call,
@@ -286,21 +281,18 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
     - **preallocated cache** (`SlotLayer`): decode steps write keys and values in place;
     - only the last position's logits are computed in the prefill (``logits_to_keep=1``).
 
-    Prompts are taken **longest first**: a completion's length follows its prompt's (on ViGGO valid
-    the Pearson correlation of prompt and completion tokens is 0.82), so the rows still decoding when
-    the prompts run out are short ones and the batch drains in fewer, fuller steps (714 ViGGO rows at
-    192 slots: 163 decode steps instead of 185 shortest first). The prompts that join together are
-    prefilled in chunks of at most `PREFILL_ROWS` neighbouring lengths, each left-padded *after* its
-    shared prefix only to its own longest prompt, with position ids that skip the padding (and the
-    padding masked), so a row's positions are the ones it would have alone.
+    Prompts are taken **longest first**: a completion's length follows its prompt's (Pearson 0.82 on
+    ViGGO valid), so the rows still decoding when the prompts run out are short ones and the batch
+    drains in fewer, fuller steps. The prompts that join together are prefilled in chunks of at most
+    `PREFILL_ROWS` neighbouring lengths, each left-padded *after* its shared prefix only to its own
+    longest prompt, with position ids that skip the padding (and the padding masked), so a row's
+    positions are the ones it would have alone.
 
     With several CPU threads the prompts are shared among **workers**: decoders in parallel threads,
     each with its share of the slots and of PyTorch's intra-op threads (PyTorch releases the GIL inside
     ops, so they run at once). Only the matmuls gain much from a second intra-op thread; attention,
-    elementwise ops and Python much less. On this 2-core machine (2026-11-24, throwaway scripts), one
-    decoder with one thread generated half of the 714 ViGGO rows in ~51 s, about as long as two such
-    side by side took for all of them; interleaved in one process (3 rounds), 2 workers of 192 slots
-    took 51.3, 56.4, 53.3 s, one decoder with both threads and 384 slots 65.2, 61.4, 58.6 s.
+    elementwise ops and Python much less, so two decoders on one thread each beat one decoder on two
+    (figures in docs/design.md).
 
     Args:
         prompts: token ids per prompt, each non-empty.
@@ -439,7 +431,7 @@ def _choose(scores: torch.Tensor, temperature: float, top_p: float,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row of `scores` (n, vocab): argmax, or a sample at `temperature` within `top_p`
     drawn with `generator` (PyTorch's global one when None)."""
-    if temperature <= 0:  # max(...).indices: the same first maximum as argmax, 2x faster on bf16 CPU tensors here
+    if temperature <= 0:  # max(...).indices: the same first maximum as argmax, faster on bf16 CPU tensors
         return scores.max(dim=-1).indices
     probs = torch.softmax(scores.float() / temperature, dim=-1)
     if top_p < 1.0:

@@ -5,7 +5,7 @@ category counts (`call_category`, `is_multi_turn`), `split_validation`, the cano
 (`write_jsonl` / `read_jsonl`, one `Example.to_json()` per line) and `clean_command`, the body of
 ``calltune data clean``.
 
-The rules follow seed 004 (a Llama-3 function-calling fine-tune on glaive-function-calling-v2,
+The rules follow the Llama-3 LoRA project on glaive-function-calling-v2 (michaelnny/Llama3-FunctionCalling,
 whose ``clean_dataset.py`` "removes invalid samples with malformed function call responses",
 "standardizes conversation endings with assistant responses" and has ``--remove-no-fc``); the
 malformed *syntax* is already rejected by the sources, so here "invalid" means invalid against the
@@ -38,7 +38,7 @@ tool's JSON Schema. Applied in this order, each switchable in `CleanConfig`:
    ``reject_unknown_arguments`` (off by default) additionally rejects an argument the tool's ``properties`` do not
    declare (JSON Schema allows them unless ``additionalProperties`` is false; BFCL's AST checker
    counts an unexpected parameter as wrong).
-4. ``remove_no_call`` (seed 004's ``--remove-no-fc``): reject examples in which no assistant turn calls.
+4. ``remove_no_call`` (that project's ``--remove-no-fc``): reject examples in which no assistant turn calls.
 5. ``dedupe``: an example whose messages and tools (canonical JSON: sorted keys, call ids included,
    source/row/meta excluded) equal an earlier kept one's -> reject, naming the first one's row.
 6. ``max_no_call_fraction``: if no-call examples are more than this share of the kept examples,
@@ -108,7 +108,8 @@ class CleanConfig(BaseModel):
     reject_unknown_arguments: bool = Field(
         False, description="with validate_calls: also reject an argument the tool's 'properties' do not declare")
     remove_no_call: bool = Field(
-        False, description="reject examples in which no assistant turn calls a tool (seed 004's --remove-no-fc)")
+        False, description="reject examples in which no assistant turn calls a tool (as --remove-no-fc of the "
+                           "Llama-3 glaive-v2 project)")
     dedupe: bool = Field(
         True, description="reject examples whose messages and tools equal an earlier example's")
     max_no_call_fraction: float | None = Field(
@@ -116,7 +117,7 @@ class CleanConfig(BaseModel):
                                           "at most this share of the kept examples (reason 'balance')")
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of kept examples `clean_command` moves to the validation file "
-                                         "when one is given (seed 003: 10%)")
+                                         "when one is given (the hosted fine-tuning API's 10%)")
     seed: int = Field(0, description="seed of the balance choice and of the validation split")
 
 
@@ -479,8 +480,9 @@ def clean(examples: list[Example], cfg: CleanConfig | None = None, rejects: Reje
 # Split and files
 
 def split_validation(examples: list[Example], fraction: float = 0.1, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """Hold out a seeded random `fraction` of `examples` for validation, as seed 003's hosted service does
-    ("LLM Engine will randomly split 10% of the data into a validation dataset").
+    """Hold out a seeded random `fraction` of `examples` for validation, as the hosted fine-tuning API
+    (Scale LLM Engine) does when given no validation file ("LLM Engine will randomly split 10% of the
+    data into a validation dataset").
 
     The validation size is ``round(n * fraction)`` (halves up), at most ``n - 1`` so training keeps at
     least one example. Both lists keep the input order. The same examples, fraction and seed give

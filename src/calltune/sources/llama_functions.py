@@ -9,7 +9,7 @@ with earlier turns as ``[INST] {user} [/INST] {answer} </s><s>[INST] ...``, and 
 
 Layout (dataset card https://huggingface.co/datasets/marclove/llama_functions, one parquet file of
 ``{"input", "output"}``; ../shared/data/samples/llama_functions.jsonl is the same as JSONL). Also
-read: the ``prompt,response`` CSV that seed 003 (Scale LLM Engine tutorial) writes from it.
+read: the ``prompt,response`` CSV that the Scale LLM Engine fine-tuning tutorial writes from it.
 
 Mapping: the <<API>> instruction text (and any other <<SYS>> text) is the system turn, the functions
 become tools (their parameter LIST converted to a JSON Schema object by
@@ -123,7 +123,7 @@ def llama_functions_row_to_example(row: dict[str, Any], where: str, i: int) -> E
 
 def load_llama_functions(path_or_id: str | Path, split: str = "train", rejects: Rejects | None = None,
                          limit: int | None = None) -> list[Example]:
-    """Read marclove/llama_functions (hub id, parquet, JSONL, or the seed-003 ``prompt,response`` CSV).
+    """Read marclove/llama_functions (hub id, parquet, JSONL, or LLM Engine's ``prompt,response`` CSV).
 
     Args:
         path_or_id: a local file or ``marclove/llama_functions``.

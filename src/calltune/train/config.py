@@ -1,7 +1,7 @@
 """Training configuration: the `train:` section of a recipe, one field per knob, each with its help.
 
-Field names follow the seeds and the libraries (TRL `SFTConfig`, PEFT `LoraConfig`) so a recipe reads
-like the Levanter and Phi-3 configs it mirrors.
+Field names follow the libraries (TRL `SFTConfig`, PEFT `LoraConfig`) and the published recipes calltune
+reproduces (the Levanter ViGGO tutorial, the Phi-3 QLoRA recipe on xLAM-60k), so a recipe reads like them.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ class TrainConfig(BaseModel):
         "bf16", description="autocast dtype; bf16 runs on CPUs with AVX-512 BF16 / AMX and on GPUs")
     packing: bool = Field(True, description="padding-free packing: a batch's examples are packed into rows of "
                                             "max_length tokens, kept apart by position_ids restarting at 0")
-    group_by_length: bool = Field(False, description="batch examples of similar length (less padding when packing "
-                                                     "is off; on ViGGO it trained worse than random batches)")
+    group_by_length: bool = Field(False, description="batch examples of similar length: less padding when packing "
+                                                     "is off, but less varied batches (worse on ViGGO)")
     train_on: Literal["all", "last"] = Field("all", description="train every assistant turn, or only the last")
     attn_implementation: str = Field(
-        "eager", description="attention kernel; on CPU eager beats sdpa by ~30% for the short sequences of "
-                             "tool-calling data (measured in benchmarks/train_throughput.py)")
+        "eager", description="attention kernel (a transformers name): eager is faster than sdpa on CPU for "
+                             "short sequences; sdpa for long ones, whose eager score matrices grow quadratically")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     seed: int = 0

@@ -87,7 +87,7 @@ class Collator:
     other. The tail of a packed row is filled with pad tokens that form a sequence of their own
     (positions from 0, labels ignored), so nothing real attends to them. Capping the packed rows
     matters on CPU: without a variable-length attention kernel, one row of a whole batch (~2,000
-    tokens) computes a 2,000 x 2,000 score matrix per head and ran 4x slower than padded batches.
+    tokens) computes a 2,000 x 2,000 score matrix per head, far slower than padded batches.
     Returns input_ids, labels, position_ids (R, L) with R packed rows, and num_tokens (the real ones).
     """
 
@@ -193,8 +193,8 @@ class ReleaseFreedMemory(TrainerCallback):
     """Every `every` steps, hand memory freed by PyTorch back to the OS (glibc `malloc_trim`).
 
     Batches grouped by length have a different shape at every step; with glibc's allocator the freed
-    blocks of all those shapes stay mapped, and a full fine-tune's resident memory grew from 7.5 to
-    13 GB over 150 steps of the ViGGO recipe. A no-op where glibc is not the C library.
+    blocks of all those shapes stay mapped, and resident memory grows step by step (figures in
+    docs/design.md). A no-op where glibc is not the C library.
     """
 
     def __init__(self, every: int = 10):

@@ -1,7 +1,7 @@
 """The pipeline behind `calltune run`: prepare -> train -> evaluate base and tuned -> report.
 
 Owns `run_recipe` and the report it writes into the run folder:
-``report.md`` (a table in the Levanter seed's layout: one row per metric, one column per model),
+``report.md`` (a table in the Levanter ViGGO tutorial's layout: one row per metric, one column per model),
 ``loss.png`` (training loss curve), ``summary.json`` (every figure of the report), plus the
 artefacts of each stage: ``rejects.jsonl``, ``model/``, ``eval-base/``, ``eval-tuned/``.
 """

@@ -1,7 +1,7 @@
 """Recipes: the YAML files in `recipes/` that name a model, data, format, training and evaluation.
 
 Owns `Recipe` (whose keys map 1:1 onto the stage configs: `DataConfig` here, `TrainConfig` in
-`calltune.train.config`, `EvalConfig` in `calltune.evaluate.runner`), `load_recipe`, and
+`calltune.train.config`, `EvalConfig` in `calltune.evaluate.config`), `load_recipe`, and
 `validate_recipe`, which checks a recipe without loading weights and reports every problem at once.
 """
 
@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from calltune.augment.config import AugmentConfig
-from calltune.evaluate.runner import EvalConfig
+from calltune.evaluate.config import EvalConfig
 from calltune.sources.clean import CleanConfig
 from calltune.train.config import TrainConfig
 

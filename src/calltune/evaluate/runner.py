@@ -18,8 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from calltune.evaluate.config import EvalConfig
 from calltune.evaluate.metrics import viggo_metrics
 from calltune.evaluate.toolcall_metrics import toolcall_metrics
 from calltune.formats import PromptFormat
@@ -30,20 +29,6 @@ from calltune.schema import Example
 UNPARSEABLE = "(unparseable)"
 NO_CALL = "(no call)"
 OTHER = "(other)"  # confusion matrix: the names beyond the most frequent ones
-
-
-class EvalConfig(BaseModel):
-    """How to evaluate: generation settings and how much of the eval split to use."""
-
-    model_config = ConfigDict(extra="forbid")
-    batch_size: int = Field(32, ge=1, description="prompts generated together")
-    workers: int | None = Field(None, ge=1, description="decoders run in parallel threads, sharing batch_size "
-                                                        "(default: calltune.infer.generate's choice)")
-    max_new_tokens: int = Field(128, ge=1, description="generation budget per example")
-    limit: int | None = Field(None, ge=1, description="evaluate only the first N examples")
-    base: bool = Field(True, description="also evaluate the base model, for the report's comparison")
-    constrained: bool = Field(False, description="constrained decoding (calltune.infer.constrained): each call "
-                                                 "names an offered tool with schema-valid arguments")
 
 
 def _reference(example: Example):
@@ -157,8 +142,8 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
         examples: eval examples; the final assistant turn is the reference, and the prompt is
             everything before it.
         out_dir: where predictions.jsonl, metrics.json and confusion.png go.
-        fmt: the prompt format; the format saved with the model wins when there is one (a base model
-            has none, so the recipe's format renders its prompts).
+        fmt: the prompt format; when None, the format saved with the model (a base model has none,
+            so then a format must be given).
         loaded: an already loaded ``(model, tokenizer, fmt)`` to reuse.
 
     Returns:
@@ -174,7 +159,7 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     if cfg.limit:
         examples = examples[:cfg.limit]
     model, tokenizer, saved = loaded or load_for_inference(model_name)
-    fmt = saved or fmt
+    fmt = fmt if fmt is not None else saved
     if fmt is None:
         raise ValueError(f"{model_name} has no saved prompt format; pass one (e.g. --format viggo)")
     prompts = [fmt.prompt(e, tokenizer) for e in examples]

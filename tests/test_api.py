@@ -1,0 +1,38 @@
+"""The Python API (`calltune.api`, exported from `calltune`), and the README's Python snippet run as written."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_calltune_is_light_and_exports_the_api():
+    code = ("import sys, calltune; assert 'torch' not in sys.modules; "
+            "import calltune.recipe; assert 'torch' not in sys.modules, 'recipes import torch'; "
+            "assert callable(calltune.train) and callable(calltune.evaluate) and callable(calltune.run); "
+            "assert calltune.train.TrainConfig().method == 'lora'; "
+            "assert calltune.load_examples('bfcl', 'simple_python', limit=2)[1].row == 1; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.slow
+def test_readme_python_snippet_runs(tmp_path, smollm2_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "calltune.train(" in block)
+    monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
+    snippet = snippet.replace('"runs/python-api/model"', repr(str(tmp_path / "model")))
+    snippet = snippet.replace('overrides={"train.max_steps": 2}',
+                              f'output_dir={str(tmp_path / "run")!r}, overrides={{"train.max_steps": 1, '
+                              '"train.method": "lora", "eval.max_new_tokens": 8, "eval.limit": 1}')
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert (tmp_path / "model" / "adapter_config.json").exists()
+    assert set(namespace["metrics"]["bfcl"]["accuracy"]) == {"simple_python", "irrelevance"}
+    assert namespace["summary"]["train"]["steps"] == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["recipe"] == "xlam-qlora"

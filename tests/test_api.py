@@ -36,3 +36,23 @@ def test_readme_python_snippet_runs(tmp_path, smollm2_path, monkeypatch):
     assert set(namespace["metrics"]["bfcl"]["accuracy"]) == {"simple_python", "irrelevance"}
     assert namespace["summary"]["train"]["steps"] == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["recipe"] == "xlam-qlora"
+
+
+@pytest.mark.slow
+def test_an_explicit_eval_format_wins_over_the_saved_one(tmp_path, smollm2_path):
+    """A model saved with the hermes format, evaluated with --format viggo, renders viggo prompts."""
+    from typer.testing import CliRunner
+
+    from calltune.cli import app
+    from calltune.formats import get_format, save_format
+
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(smollm2_path, model)
+    save_format(get_format("hermes"), model)
+    data = ROOT.parent / "shared" / "data" / "viggo" / "valid.csv"
+    result = CliRunner().invoke(app, ["eval", str(model), "--data", str(data), "--source", "viggo", "--format", "viggo",
+                                      "--limit", "1", "--max-new-tokens", "4", "-o", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["format"] == "viggo"

@@ -425,3 +425,27 @@ def test_clean_command_writes_train_val_and_rejects(tmp_path):
     assert (report["rows"], report["train"], report["val"]) == (35, 34, 0) and "val_output" not in report
     with pytest.raises(ValueError, match="Did you mean 'hermes'"):
         clean_command("hermez", SAMPLES / FILES["hermes"], tmp_path / "y.jsonl")
+
+
+def test_a_dataset_schema_never_makes_calltune_fetch_or_open_a_reference(tmp_path):
+    """A `$ref` to a URL or a file is a reject with its reason; a `$ref` inside the schema still resolves."""
+    from calltune.evaluate.toolcall_metrics import schema_problems
+
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"type": "integer"}')
+    examples = []
+    for i, ref in enumerate(["http://127.0.0.1:9/schema.json", secret.as_uri(), "#/$defs/n"]):
+        tool = Tool(function={"name": "f", "parameters": {"type": "object", "properties": {"n": {"$ref": ref}},
+                                                          "$defs": {"n": {"type": "integer"}}}})
+        examples.append(Example(messages=[Message(role="user", content="go"),
+                                          Message(role="assistant", tool_calls=[ToolCall.of("f", {"n": "x"})])],
+                                tools=[tool], source="t", row=i))
+    rejects = Rejects()
+    result = clean(examples, CleanConfig(coerce_types=False), rejects)
+    reasons = [item["reason"] for item in rejects.items]
+    assert result.examples == [] and len(reasons) == 3
+    assert "external $ref 'http://127.0.0.1:9/schema.json' is not resolved" in reasons[0]
+    assert f"external $ref '{secret.as_uri()}' is not resolved" in reasons[1]
+    assert "'x' is not of type 'integer'" in reasons[2]  # the internal reference was followed
+    problems = schema_problems(examples[0].messages[1].tool_calls, examples[0].tools)
+    assert len(problems) == 1 and "external $ref" in problems[0]

@@ -22,7 +22,7 @@ import pytest
 
 from calltune.formats import get_format
 from calltune.infer import constrained as cd
-from calltune.serve.engine import ContentSplitter
+from calltune.infer.engine import ContentSplitter
 from toolcall_model import (ADD, ASK_ADD, ASK_PARIS, ASK_TWO, HELLO, HELLO_ANSWER, PARIS_RESULT, TOOLS,
                             tuned_adapter)
 

@@ -44,7 +44,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from calltune.schema import Example, Tool, ToolCall
-from calltune.sources.clean import SchemaValidators, defaults_not_required
+from calltune.sources.clean import SchemaValidators, defaults_not_required, first_error
 
 if TYPE_CHECKING:  # imported for annotations only: calltune.formats pulls in transformers
     from calltune.formats import Parsed
@@ -86,7 +86,6 @@ def schema_problems(calls: list[ToolCall], tools: list[Tool], validators: Schema
     """Why each call is not schema-valid against `tools` ([] = all valid): undeclared name, invalid
     tool schema, or the first JSON-Schema error of its arguments."""
     from jsonschema.exceptions import SchemaError as JSONSchemaError
-    from jsonschema.exceptions import best_match
 
     validators = validators or SchemaValidators()
     by_name = {t.name: t for t in tools}
@@ -100,10 +99,9 @@ def schema_problems(calls: list[ToolCall], tools: list[Tool], validators: Schema
         if isinstance(validator, JSONSchemaError):
             problems.append(f"call {j}: tool {call.name!r} has an invalid schema: {validator.message}")
             continue
-        error = best_match(validator.iter_errors(call.arguments))
+        error = first_error(validator, call.arguments)
         if error is not None:
-            at = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-            problems.append(f"call {j} ({call.name}): {error.message} (at arguments{at})")
+            problems.append(f"call {j} ({call.name}): {error[0]} (at {error[1]})")
     return problems
 
 

@@ -204,8 +204,8 @@ def model_completer(model: str, max_tokens: int = 256, temperature: float = 0.0,
                     constrained: bool = True) -> Complete:
     """A `Complete` backed by a local model, through the same engine as `calltune serve`."""
     from calltune.schema import Example
-    from calltune.serve.engine import Params, complete
-    from calltune.serve.registry import ModelRegistry
+    from calltune.infer.engine import Params, complete
+    from calltune.infer.registry import ModelRegistry
 
     registry = ModelRegistry({"chat": model})
     served = registry.get("chat")

@@ -2,7 +2,7 @@
 
 Owns `create_app` (the app for a set of models) and `run` (uvicorn). Requests are validated by
 `calltune.serve.protocol`, rendered and parsed by each model's saved prompt format through
-`calltune.serve.engine`, and generated one at a time under the registry's lock.
+`calltune.infer.engine`, and generated one at a time under the registry's lock.
 
 Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 request that does not validate (including malformed JSON), 401 without the API key, 404 for an
@@ -28,11 +28,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from calltune.infer import constrained as cd
-from calltune.serve import engine
+from calltune.infer import engine
+from calltune.infer.registry import ModelRegistry
 from calltune.serve.protocol import (ChatCompletion, ChatCompletionRequest, Choice, ModelCard, ModelList,
                                      RequestError, ResponseMessage, Usage, call_to_wire, error_body, new_id,
                                      to_example)
-from calltune.serve.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

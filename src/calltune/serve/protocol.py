@@ -15,16 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from calltune.infer.engine import RequestError
 from calltune.schema import Example, Function, Message, SchemaError, Tool, ToolCall
-
-
-class RequestError(ValueError):
-    """A request the server can't serve; becomes an OpenAI error body with `status`."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str | None = None, type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,

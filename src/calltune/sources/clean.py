@@ -70,9 +70,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
+import referencing
 from jsonschema.exceptions import SchemaError as JSONSchemaError
 from jsonschema.exceptions import best_match
 from pydantic import BaseModel, ConfigDict, Field
+from referencing.exceptions import Unresolvable
 
 from calltune.schema import Example, SchemaError, Tool, ToolCall
 from calltune.sources.base import Rejects, SourceError
@@ -221,7 +223,12 @@ def repair_value(value: Any, schema: Any, path: str, cfg: CleanConfig, repairs: 
 
 
 class SchemaValidators:
-    """JSON-Schema validators of tool parameter schemas, built once per distinct schema."""
+    """JSON-Schema validators of tool parameter schemas, built once per distinct schema.
+
+    A schema comes from a dataset or a request, so it is untrusted: its ``$ref`` resolve only inside
+    the schema itself (a `referencing.Registry` with no retriever). jsonschema would otherwise fetch
+    an ``http(s)://`` reference; here an external one is unresolvable, see `first_error`.
+    """
 
     def __init__(self) -> None:
         self._cache: dict[str, Any] = {}
@@ -233,10 +240,24 @@ class SchemaValidators:
             cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
             try:
                 cls.check_schema(schema)
-                self._cache[key] = cls(schema)
+                self._cache[key] = cls(schema, registry=referencing.Registry())
             except JSONSchemaError as err:
                 self._cache[key] = err
         return self._cache[key]
+
+
+def first_error(validator: Any, instance: Any) -> tuple[str, str] | None:
+    """``(message, "arguments.path")`` of the most relevant JSON-Schema error of `instance`, or None.
+
+    A ``$ref`` that points outside the schema (a URL or a file) is reported as an error of its own
+    (``external $ref ... is not resolved``): nothing is fetched or opened.
+    """
+    try:
+        error = best_match(validator.iter_errors(instance))
+    except Unresolvable as err:
+        return f"external $ref {getattr(err, 'ref', str(err))!r} is not resolved (only references inside the " \
+               "schema are)", "arguments"
+    return None if error is None else (error.message, _where_in(error))
 
 
 def _where_in(error: jsonschema.ValidationError) -> str:
@@ -269,9 +290,9 @@ def _check_call(call: ToolCall, tool: Tool, where: str, cfg: CleanConfig, valida
     validator = validators.get(defaults_not_required(schema) if cfg.defaults_optional else schema)
     if isinstance(validator, JSONSchemaError):
         return arguments, f"invalid tool schema: tool {call.name!r}: {validator.message}"
-    error = best_match(validator.iter_errors(arguments))
+    error = first_error(validator, arguments)
     if error is not None:
-        return arguments, f"schema violation: {where} ({call.name}): {error.message} (at {_where_in(error)})"
+        return arguments, f"schema violation: {where} ({call.name}): {error[0]} (at {error[1]})"
     properties = schema.get("properties")
     if cfg.reject_unknown_arguments and isinstance(properties, dict):
         unknown = sorted(set(arguments) - set(properties))

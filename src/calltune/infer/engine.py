@@ -1,9 +1,11 @@
 """One chat completion, from a canonical `Example` to an assistant `Message` with structured tool calls.
 
-Owns the serving logic shared by the HTTP server and `calltune chat`: which tools the prompt offers
-and which grammar constrains the output for a `tool_choice` (`plan`), generation under the registry's
-lock (`complete`), parsing with the model's own prompt format (the one it was trained with), and
-streaming (`stream_complete`: content deltas as the model writes them, tool calls once parsed).
+Owns the completion logic shared by the HTTP server (`calltune.serve`) and `calltune chat`: which
+tools the prompt offers and which grammar constrains the output for a `tool_choice` (`plan`),
+generation under the registry's lock (`complete`), parsing with the model's own prompt format (the
+one it was trained with), and streaming (`stream_complete`: content deltas as the model writes
+them, tool calls once parsed); and `RequestError`, a request that can't be served, which the server
+turns into an OpenAI error body.
 
 tool_choice:
 - ``none``: the prompt offers no tools and the output is not parsed for calls (constrained: it can't
@@ -26,11 +28,19 @@ from typing import Any, Iterator
 import torch
 
 from calltune.infer import constrained as cd
+from calltune.infer.registry import ModelRegistry, ServedModel
 from calltune.schema import Example, Message, ToolCall
-from calltune.serve.protocol import RequestError
-from calltune.serve.registry import ModelRegistry, ServedModel
 
 log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the server can't serve; becomes an OpenAI error body with `status`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
 
 
 @dataclass

@@ -29,7 +29,7 @@ def test_readme_python_snippet_runs(tmp_path, smollm2_path, monkeypatch):
     snippet = snippet.replace('"runs/python-api/model"', repr(str(tmp_path / "model")))
     snippet = snippet.replace('overrides={"train.max_steps": 2}',
                               f'output_dir={str(tmp_path / "run")!r}, overrides={{"train.max_steps": 1, '
-                              '"train.method": "lora", "eval.max_new_tokens": 8, "eval.limit": 1}')
+                              '"train.method": "lora", "eval.max_new_tokens": 8, "data.eval_limit": 1}')
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert (tmp_path / "model" / "adapter_config.json").exists()

@@ -21,7 +21,7 @@ def in_repo(monkeypatch):
 def test_full_fine_tune_pipeline_end_to_end(tmp_path, in_repo, smollm2_path):
     recipe = load_recipe(RECIPES / "viggo-full.yaml", {
         "data.limit": 32, "train.max_steps": 6, "train.batch_size": 8, "train.logging_steps": 1,
-        "train.learning_rate": 3e-4, "eval.limit": 8, "eval.max_new_tokens": 40, "eval.batch_size": 8})
+        "train.learning_rate": 3e-4, "data.eval_limit": 8, "eval.max_new_tokens": 40, "eval.batch_size": 8})
     summary = run_recipe(recipe, tmp_path)
     history = json.loads((tmp_path / "model" / "train_log.json").read_text())
     losses = [h["loss"] for h in history if "loss" in h]
@@ -49,7 +49,7 @@ def test_lora_adapter_merges_into_a_plain_transformers_model(tmp_path, in_repo, 
 
     recipe = load_recipe(RECIPES / "viggo-lora.yaml", {
         "data.limit": 16, "train.max_steps": 3, "train.batch_size": 8, "train.logging_steps": 1,
-        "eval.limit": 4, "eval.max_new_tokens": 32, "eval.base": False})
+        "data.eval_limit": 4, "eval.max_new_tokens": 32, "eval.base": False})
     summary = run_recipe(recipe, tmp_path)
     adapter = tmp_path / "model"
     assert (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists()

@@ -19,10 +19,12 @@ def test_recipe_runs_end_to_end(name, fmt, tmp_path, monkeypatch, smollm2_path):
     monkeypatch.chdir(RECIPES.parent)
     recipe = load_recipe(RECIPES / f"{name}.yaml", {
         "train.max_steps": 2, "train.batch_size": 1, "train.logging_steps": 1, "train.max_length": 512,
-        "eval.limit": 2, "eval.max_new_tokens": 16, "eval.base": False})
+        "data.eval_limit": 2, "eval.max_new_tokens": 16, "eval.base": False})
     summary = run_recipe(recipe, tmp_path)
     data = summary["data"]
-    assert data["train_examples"] + data["eval_examples"] + data["rejected_rows"] >= data["loaded_train_examples"]
+    assert data["train_examples"] + data["eval_examples"] + data["held_out_unused"] + data["rejected_rows"] >= \
+        data["loaded_train_examples"]
+    assert data["eval_examples"] == 2
     assert data["clean"]["input"] == data["loaded_train_examples"]
     assert summary["train"]["steps"] == 2 and summary["train"]["final_loss"] > 0
     metrics = summary["eval_tuned"]

@@ -43,8 +43,8 @@ def test_validate_checks_names_and_paths_without_loading(tmp_path):
 
 
 def test_overrides_win(tmp_path):
-    recipe = load_recipe(RECIPES[0], {"train.max_steps": 3, "eval.limit": 5})
-    assert recipe.train.max_steps == 3 and recipe.eval.limit == 5
+    recipe = load_recipe(RECIPES[0], {"train.max_steps": 3, "data.eval_limit": 5})
+    assert recipe.train.max_steps == 3 and recipe.data.eval_limit == 5
 
 
 def test_bad_value_type(tmp_path):

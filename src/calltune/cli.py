@@ -226,8 +226,8 @@ def data_clean(source: str = typer.Option(..., "--source", help="dataset adapter
     try:
         cfg = CleanConfig(**{**_parse_overrides(set_), "trailing_user": trailing_user, "remove_no_call": remove_no_call,
                              "max_no_call_fraction": max_no_call_fraction, "coerce_types": coerce_types,
-                             "dedupe": dedupe, "val_fraction": val_fraction, "seed": seed})
-        report = clean_command(source, input_, output, val_output, rejects, cfg)
+                             "dedupe": dedupe, "seed": seed})
+        report = clean_command(source, input_, output, val_output, rejects, cfg, val_fraction=val_fraction)
     except _user_errors() as err:
         _fail(err)
     console.print_json(json.dumps(report))

@@ -56,16 +56,20 @@ def prepare(recipe: Recipe, out: Path):
     if recipe.clean is not None:
         result = clean(train_ex, recipe.clean, rejects)
         train_ex, clean_report = result.examples, result.report
+    held_out_unused = 0
     if d.eval:
         eval_ex = load_source(d.source, d.eval, split=d.eval_split, rejects=rejects, limit=d.eval_limit)
     else:  # a seeded 10% of the cleaned examples, as hosted fine-tuning services split them
         train_ex, eval_ex = split_validation(train_ex, d.val_fraction, seed=recipe.train.seed)
+        held_out_unused = len(eval_ex) - len(eval_ex[:d.eval_limit or None])  # held out, past eval_limit
+        eval_ex = eval_ex[:d.eval_limit or None]
     augment_report = None
     if recipe.augment is not None:  # after the split: nothing made from an eval example is trained on
         augmented = augment(train_ex, recipe.augment, rejects)
         train_ex, augment_report = augmented.examples, augmented.report
     rejects.write()
     counts = {"loaded_train_examples": loaded, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+              "held_out_unused": held_out_unused,
               "rejected_rows": len(rejects), "rejects_by_reason": rejects.counts, "clean": clean_report,
               "augment": augment_report}
     return train_ex, eval_ex, counts, rejects
@@ -99,8 +103,8 @@ def _fmt(value: float | None) -> str:
 
 def _data_lines(data: dict[str, Any]) -> list[str]:
     """The report's data section: cleaning, augmentation and rejects counts (`prepare`'s summary)."""
-    lines = ["", "## Data", "", f"- loaded training examples: {data['loaded_train_examples']}; trained on: "
-             f"{data['train_examples']}; eval examples: {data['eval_examples']}"]
+    lines = ["", "## Data", "", f"- loaded training examples: {data.get('loaded_train_examples', '–')}; trained on: "
+             f"{data.get('train_examples', '–')}; eval examples: {data.get('eval_examples', '–')}"]
     if data.get("clean"):
         c = data["clean"]
         lines.append(f"- cleaning: kept {c['kept']} of {c['input']}, rejected {c['rejected'] or 'none'}")

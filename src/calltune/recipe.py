@@ -33,8 +33,8 @@ class DataConfig(BaseModel):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for eval when `eval` is not given")
     eval_split: str = Field("validation", description="split of a hub dataset for eval")
     limit: int | None = Field(None, ge=1, description="use only the first N training rows (per category for bfcl)")
-    eval_limit: int | None = Field(None, ge=1, description="use only the first N rows of `eval` (per category for "
-                                                          "bfcl); ignored when eval is split off the training rows")
+    eval_limit: int | None = Field(None, ge=1, description="evaluate only the first N eval examples (per category for "
+                                                          "bfcl), whether read from `eval` or split off the training rows")
 
     @model_validator(mode="after")
     def _train_or_hub(self) -> "DataConfig":

@@ -13,7 +13,6 @@ class EvalConfig(BaseModel):
     workers: int | None = Field(None, ge=1, description="decoders run in parallel threads, sharing batch_size "
                                                         "(default: calltune.infer.generate's choice)")
     max_new_tokens: int = Field(128, ge=1, description="generation budget per example")
-    limit: int | None = Field(None, ge=1, description="evaluate only the first N examples")
     base: bool = Field(True, description="also evaluate the base model, for the report's comparison")
     constrained: bool = Field(False, description="constrained decoding (calltune.infer.constrained): each call "
                                                  "names an offered tool with schema-valid arguments")

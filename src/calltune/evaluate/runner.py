@@ -156,8 +156,6 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     cfg = cfg or EvalConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.limit:
-        examples = examples[:cfg.limit]
     model, tokenizer, saved = loaded or load_for_inference(model_name)
     fmt = fmt if fmt is not None else saved
     if fmt is None:

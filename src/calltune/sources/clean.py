@@ -117,10 +117,7 @@ class CleanConfig(BaseModel):
     max_no_call_fraction: float | None = Field(
         None, ge=0.0, le=1.0, description="if set, drop a seeded random choice of no-call examples until they are "
                                           "at most this share of the kept examples (reason 'balance')")
-    val_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="share of kept examples `clean_command` moves to the validation file "
-                                         "when one is given (the hosted fine-tuning API's 10%)")
-    seed: int = Field(0, description="seed of the balance choice and of the validation split")
+    seed: int = Field(0, description="seed of the balance choice (and of `clean_command`'s validation split)")
 
 
 @dataclass
@@ -557,11 +554,12 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
 
 def clean_command(source: str, input: str | Path, output: str | Path, val_output: str | Path | None = None,
-                  rejects_path: str | Path | None = None, cfg: CleanConfig | None = None) -> dict[str, Any]:
+                  rejects_path: str | Path | None = None, cfg: CleanConfig | None = None,
+                  val_fraction: float = 0.1) -> dict[str, Any]:
     """Body of ``calltune data clean``: load `input` with `source`, clean, split, write the files.
 
     Writes the kept examples as canonical JSONL to `output`; with `val_output`, a seeded
-    ``cfg.val_fraction`` of them go there instead (`split_validation`); with `rejects_path`, every
+    `val_fraction` of them go there instead (`split_validation`); with `rejects_path`, every
     row the source or the cleaning rejected (with stage and reason).
 
     Returns:
@@ -579,7 +577,7 @@ def clean_command(source: str, input: str | Path, output: str | Path, val_output
     load_rejected = Counter(_kind(item["reason"]) for item in rejects.items)
     result = clean(examples, cfg, rejects)
     if val_output:
-        train, val = split_validation(result.examples, cfg.val_fraction, cfg.seed)
+        train, val = split_validation(result.examples, val_fraction, cfg.seed)
     else:
         train, val = result.examples, []
     report: dict[str, Any] = {"source": source, "path": str(input), "rows": len(examples) + sum(load_rejected.values()),

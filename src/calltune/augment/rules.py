@@ -193,39 +193,45 @@ def _join(parts: list[_Single], rng: random.Random, rule: str) -> Example | None
     return _new(_prefix(parts) + [user, Message(role="assistant", tool_calls=calls)], tools, rule, parts)
 
 
+def _joins(draw, rng: random.Random, cfg, rule: str) -> list[Example]:
+    """Up to ``cfg.count`` joined examples from `draw()` (parts to join, or None to skip a draw)."""
+    out: list[Example] = []
+    for _ in range(cfg.count * 4):  # bounded attempts: a draw may repeat a request or clash
+        if len(out) >= cfg.count:
+            break
+        parts = draw()
+        if parts is None:
+            break
+        example = _join(parts, rng, rule) if parts else None
+        if example is not None:
+            out.append(example)
+    return out
+
+
 def _parallel(singles: list[_Single], rng: random.Random, cfg) -> list[Example]:
     groups: dict[str, list[_Single]] = defaultdict(list)
     for part in singles:
         groups[_tool_key(part.tool)].append(part)
     groups_ok = [g for g in groups.values() if len(g) >= cfg.min_calls]
-    out: list[Example] = []
-    for _ in range(cfg.count * 4):  # bounded attempts: a draw may repeat a request or clash
-        if len(out) >= cfg.count or not groups_ok:
-            break
+
+    def draw() -> list[_Single] | None:  # [] : a draw that repeats a request; None: nothing to draw from
+        if not groups_ok:
+            return None
         group = rng.choice(groups_ok)
-        n = rng.randint(cfg.min_calls, min(cfg.max_calls, len(group)))
-        parts = rng.sample(group, n)
-        if len({p.user.content for p in parts}) < n:
-            continue
-        example = _join(parts, rng, "parallel")
-        if example is not None:
-            out.append(example)
-    return out
+        parts = rng.sample(group, rng.randint(cfg.min_calls, min(cfg.max_calls, len(group))))
+        return parts if len({p.user.content for p in parts}) == len(parts) else []
+
+    return _joins(draw, rng, cfg, "parallel")
 
 
 def _parallel_multiple(singles: list[_Single], rng: random.Random, cfg) -> list[Example]:
-    out: list[Example] = []
-    for _ in range(cfg.count * 4):
-        if len(out) >= cfg.count or len(singles) < cfg.min_calls:
-            break
-        n = rng.randint(cfg.min_calls, min(cfg.max_calls, len(singles)))
-        parts = rng.sample(singles, n)
-        if len({p.call.name for p in parts}) < n:
-            continue
-        example = _join(parts, rng, "parallel_multiple")
-        if example is not None:
-            out.append(example)
-    return out
+    def draw() -> list[_Single] | None:  # [] : a draw that repeats a function; None: too few requests
+        if len(singles) < cfg.min_calls:
+            return None
+        parts = rng.sample(singles, rng.randint(cfg.min_calls, min(cfg.max_calls, len(singles))))
+        return parts if len({p.call.name for p in parts}) == len(parts) else []
+
+    return _joins(draw, rng, cfg, "parallel_multiple")
 
 
 def _distractors(pool: list[Example], rng: random.Random, cfg) -> list[Example]:

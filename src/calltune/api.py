@@ -15,20 +15,14 @@ from calltune.sources import Rejects, load_source
 
 
 def _recipe(recipe: Recipe | dict[str, Any] | str | Path | None, overrides: dict[str, Any] | None) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe.model_validate({**recipe.model_dump(), **_nested(overrides)}) if overrides else recipe
-    if isinstance(recipe, dict):
-        return Recipe(**{**recipe, **_nested(overrides)}) if overrides else Recipe(**recipe)
+    if isinstance(recipe, (Recipe, dict)):
+        from calltune.recipe import set_dotted
+
+        data = recipe.model_dump() if isinstance(recipe, Recipe) else dict(recipe)
+        for key, value in (overrides or {}).items():
+            set_dotted(data, key, value)  # one key at a time: the rest of its section is kept
+        return Recipe(**data)
     return load_recipe(recipe, overrides)
-
-
-def _nested(overrides: dict[str, Any] | None) -> dict[str, Any]:
-    from calltune.recipe import set_dotted
-
-    out: dict[str, Any] = {}
-    for key, value in (overrides or {}).items():
-        set_dotted(out, key, value)
-    return out
 
 
 def load_examples(source: str, path: str | Path, *, split: str = "train", limit: int | None = None,

@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from calltune.sources.bfcl import NO_CALL_REPLY
 
 
+def _ordered(rule, low: str, high: str):
+    """`rule` if ``rule.<high> >= rule.<low>``; else ValueError naming both."""
+    if getattr(rule, high) < getattr(rule, low):
+        raise ValueError(f"{high} ({getattr(rule, high)}) is below {low} ({getattr(rule, low)})")
+    return rule
+
+
 class _Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     count: int = Field(0, ge=0, description="new examples this rule makes (0: off)")
@@ -34,9 +41,7 @@ class ParallelRule(_Rule):
 
     @model_validator(mode="after")
     def _order(self) -> "ParallelRule":
-        if self.max_calls < self.min_calls:
-            raise ValueError(f"max_calls ({self.max_calls}) is below min_calls ({self.min_calls})")
-        return self
+        return _ordered(self, "min_calls", "max_calls")
 
 
 class DistractorRule(_Rule):
@@ -47,9 +52,7 @@ class DistractorRule(_Rule):
 
     @model_validator(mode="after")
     def _order(self) -> "DistractorRule":
-        if self.max_tools < self.min_tools:
-            raise ValueError(f"max_tools ({self.max_tools}) is below min_tools ({self.min_tools})")
-        return self
+        return _ordered(self, "min_tools", "max_tools")
 
 
 BreakKind = Literal["wrong_type", "missing_required", "unknown_argument"]

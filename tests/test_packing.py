@@ -82,3 +82,20 @@ def test_flush_denormals_turns_denormal_results_into_zero():
         assert float(tiny * 1e-10) == 0.0
     finally:
         torch.set_flush_denormal(False)  # as a plain Python process starts
+
+
+def _rows(*lengths):
+    return [{"input_ids": [7] * n, "labels": [7] * n} for n in lengths]
+
+
+@pytest.mark.parametrize("lengths, pack_length, shape", [
+    ((300, 300, 300, 300), 1000, (2, 600)),   # first fit at 1000 would give rows of 900 and 300
+    ((700, 200, 200, 100), 1000, (2, 700)),   # the longest row sets the floor
+    ((50, 40), 1000, (1, 90)),                # one row, no wider than its tokens
+    ((1500, 20), 1000, (2, 1500)),            # a row longer than pack_length sets the capacity
+])
+def test_packing_uses_the_fewest_narrowest_rows(lengths, pack_length, shape):
+    batch = Collator(0, packing=True, pack_length=pack_length)(_rows(*lengths))
+    assert tuple(batch["input_ids"].shape) == shape
+    assert int(batch["num_tokens"]) == sum(lengths)
+    assert int((batch["labels"] != -100).sum()) == sum(lengths) - len(lengths)  # each example's first token

@@ -80,8 +80,9 @@ class Collator:
 
     ``packing=False``: right-pad to the longest row; returns input_ids, attention_mask, labels (B, T).
 
-    ``packing=True`` (padding-free packing): the rows are packed first-fit, longest first, into as few
-    rows of at most `pack_length` tokens as they fit, with position_ids restarting at 0 for each
+    ``packing=True`` (padding-free packing): the rows are packed first-fit, longest first, into the
+    fewest rows of at most `pack_length` tokens their total needs (more only when they don't fit), the
+    capacity narrowed to the least that holds them, so little fill is computed; position_ids restarting at 0 for each
     example and no attention_mask; transformers turns restarting position_ids into a block-diagonal
     causal mask (`masking_utils.find_packed_sequence_indices`), so packed examples never attend to each
     other. The tail of a packed row is filled with pad tokens that form a sequence of their own
@@ -110,18 +111,17 @@ class Collator:
         return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
     def _pack(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        capacity = max(self.pack_length or 0, max(len(r["input_ids"]) for r in rows))
-        bins: list[list[dict[str, Any]]] = []
-        used: list[int] = []
-        for r in sorted(rows, key=lambda r: -len(r["input_ids"])):  # first-fit decreasing
-            n = len(r["input_ids"])
-            k = next((k for k, u in enumerate(used) if u + n <= capacity), None)
-            if k is None:
-                bins.append([])
-                used.append(0)
-                k = len(bins) - 1
-            bins[k].append(r)
-            used[k] += n
+        lengths = [len(r["input_ids"]) for r in rows]
+        longest, total = max(lengths), sum(lengths)
+        limit = max(self.pack_length or longest, longest)
+        # The fewest rows the tokens need, each as narrow as first-fit decreasing allows: the
+        # shorter the rows, the less fill is computed and the smaller each row's score matrix.
+        rows_wanted = math.ceil(total / limit)
+        capacity = max(longest, math.ceil(total / rows_wanted))
+        bins, used = _first_fit_decreasing(rows, capacity)
+        while len(bins) > rows_wanted and capacity < limit:
+            capacity = min(limit, capacity + 16)
+            bins, used = _first_fit_decreasing(rows, capacity)
         width = max(used)
         ids, labels, pos = [], [], []
         for packed, n in zip(bins, used):
@@ -132,6 +132,22 @@ class Collator:
             pos.append([i for r in packed for i in range(len(r["input_ids"]))] + list(range(fill)))
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
                 "num_tokens": torch.tensor(sum(used))}
+
+
+def _first_fit_decreasing(rows: list[dict[str, Any]], capacity: int) -> tuple[list[list[dict[str, Any]]], list[int]]:
+    """Rows packed longest first into bins of at most `capacity` tokens; returns (bins, tokens per bin)."""
+    bins: list[list[dict[str, Any]]] = []
+    used: list[int] = []
+    for r in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        n = len(r["input_ids"])
+        k = next((k for k, u in enumerate(used) if u + n <= capacity), None)
+        if k is None:
+            bins.append([])
+            used.append(0)
+            k = len(bins) - 1
+        bins[k].append(r)
+        used[k] += n
+    return bins, used
 
 
 def causal_lm_parts(model):

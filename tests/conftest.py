@@ -31,3 +31,22 @@ def viggo_valid():
     from calltune.sources.viggo import load_viggo
 
     return load_viggo(VIGGO / "valid.csv")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_for(tokenizer):
+    """``tokenizer_for(format_name)``: the tokenizer a format's tests render with -- SmolLM2's, or for
+    ``chat_template`` a copy with a Qwen2.5-style template that renders tools and tool calls."""
+    import copy
+
+    from test_formats_toolcalling import QWEN_STYLE_TEMPLATE
+
+    qwen = copy.deepcopy(tokenizer)
+    qwen.chat_template = QWEN_STYLE_TEMPLATE
+    return lambda name: qwen if name == "chat_template" else tokenizer
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(tokenizer_for):
+    """SmolLM2's tokenizer with the Qwen2.5-style template that renders tools (`tokenizer_for`)."""
+    return tokenizer_for("chat_template")

@@ -10,7 +10,6 @@ on a copy of the tokenizer with a Qwen2.5-style template (`QWEN_STYLE_TEMPLATE`)
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -89,17 +88,6 @@ def examples() -> list[Example]:
     return out
 
 
-@pytest.fixture(scope="module")
-def qwen_tokenizer(tokenizer):
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = QWEN_STYLE_TEMPLATE
-    return tok
-
-
-def tokenizer_for(name, tokenizer, qwen_tokenizer):
-    return qwen_tokenizer if name == "chat_template" else tokenizer
-
-
 def trained_runs(tokenizer, ids, mask) -> list[str]:
     """The decoded runs of consecutive trained tokens."""
     runs, current = [], []
@@ -151,8 +139,8 @@ def rendered(name, examples, tok):
 # --------------------------------------------------------------------------- (a) render -> parse
 
 @pytest.mark.parametrize("name", TOOL_FORMATS)
-def test_every_trained_turn_parses_back_to_the_canonical_turn(name, examples, tokenizer, qwen_tokenizer):
-    tok = tokenizer_for(name, tokenizer, qwen_tokenizer)
+def test_every_trained_turn_parses_back_to_the_canonical_turn(name, examples, tokenizer, tokenizer_for):
+    tok = tokenizer_for(name)
     fmt, done, refused = rendered(name, examples, tok)
     assert (len(done), refused) == (REPRESENTABLE[name], 114 - REPRESENTABLE[name])
     n_turns = n_calls = 0
@@ -176,8 +164,8 @@ def test_every_trained_turn_parses_back_to_the_canonical_turn(name, examples, to
 # --------------------------------------------------------------------------- (b) the mask
 
 @pytest.mark.parametrize("name", TOOL_FORMATS)
-def test_mask_is_exactly_the_assistant_turns_and_end_of_turn(name, examples, tokenizer, qwen_tokenizer):
-    tok = tokenizer_for(name, tokenizer, qwen_tokenizer)
+def test_mask_is_exactly_the_assistant_turns_and_end_of_turn(name, examples, tokenizer, tokenizer_for):
+    tok = tokenizer_for(name)
     fmt, done, _ = rendered(name, examples, tok)
     for ex, ids, mask in done:
         assert len(ids) == len(mask)
@@ -190,8 +178,8 @@ def test_mask_is_exactly_the_assistant_turns_and_end_of_turn(name, examples, tok
 
 
 @pytest.mark.parametrize("name", TOOL_FORMATS)
-def test_prompt_is_the_context_before_the_final_answer(name, examples, tokenizer, qwen_tokenizer):
-    tok = tokenizer_for(name, tokenizer, qwen_tokenizer)
+def test_prompt_is_the_context_before_the_final_answer(name, examples, tokenizer, tokenizer_for):
+    tok = tokenizer_for(name)
     fmt, done, _ = rendered(name, examples, tok)
     checked = 0
     for ex, ids, mask in done:
@@ -420,12 +408,12 @@ def test_template_detection_and_auto_selection(tokenizer, qwen_tokenizer, exampl
 # --------------------------------------------------------------------------- (d) save / load
 
 @pytest.mark.parametrize("name, options", [(n, {}) for n in TOOL_FORMATS] + [("hermes", {"dot_replacement": "_dot_"})])
-def test_save_and_load_format(name, options, tmp_path, tokenizer, qwen_tokenizer):
+def test_save_and_load_format(name, options, tmp_path, tokenizer, tokenizer_for):
     fmt = get_format(name, **options)
     path = save_format(fmt, tmp_path)
     assert json.loads(path.read_text())["name"] == name
     loaded = load_format(tmp_path)
     assert type(loaded) is FORMATS[name] and loaded.options() == fmt.options()
-    tok = tokenizer_for(name, tokenizer, qwen_tokenizer)
+    tok = tokenizer_for(name)
     ex = _dotted_example()
     assert loaded.render(ex, tok) == fmt.render(ex, tok)

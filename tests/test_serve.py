@@ -11,18 +11,15 @@ and its answer, streaming, every tool_choice, an unconstrained request.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 
 from calltune.formats import get_format
 from calltune.infer import constrained as cd
 from calltune.infer.engine import ContentSplitter
+from serving import running, tiny_models
 from toolcall_model import (ADD, ASK_ADD, ASK_PARIS, ASK_TWO, HELLO, HELLO_ANSWER, PARIS_RESULT, TOOLS,
                             tuned_adapter)
 
@@ -131,6 +128,19 @@ def test_served_models_from_the_command_line():
         _served_models(None, [])
 
 
+def test_request_limits_from_the_command_line():
+    from typer.testing import CliRunner
+
+    from calltune.cli import _limits, app
+
+    assert _limits(["max_tools=4", "max_body_bytes=1000"]).model_dump() == {
+        "max_body_bytes": 1000, "max_messages": 1024, "max_tools": 4, "max_depth": 32, "max_stop": 4}
+    for bad, message in [("max_tool=4", "KEY one of max_body_bytes"), ("max_tools=0", "greater than or equal"),
+                         ("max_tools=many", "valid integer")]:
+        result = CliRunner().invoke(app, ["serve", "some/model", "--limit", bad])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
 def test_gguf_export_without_converter_says_what_to_run(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
@@ -152,57 +162,13 @@ SWITCH = {"type": "function", "function": {
 PING = {"type": "function", "function": {"name": "ping", "description": "Ping.", "parameters": {}}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _running(app):
-    """Serve `app` with uvicorn in a thread on a free localhost port; yields the base URL."""
-    import uvicorn
-
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory, smollm2_path, tokenizer):
     """A 1-layer random Llama with SmolLM2's tokenizer, as a base and a LoRA adapter on it ("tiny")."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from calltune.formats import save_format
     from calltune.serve import create_app
 
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "base"),
-                             LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    adapter.save_pretrained(root / "adapter")
-    save_format(get_format("hermes"), root / "adapter")
-    app = create_app({"tiny": str(root / "adapter"), "tiny-base": str(root / "base")}, api_key=KEY,
-                     default_max_tokens=40)
-    with _running(app) as url:
+    app = create_app(tiny_models(tmp_path_factory.mktemp("tiny"), tokenizer), api_key=KEY, default_max_tokens=40)
+    with running(app) as url:
         yield url, app
 
 
@@ -285,7 +251,7 @@ def test_api_key_is_required(tiny_client, tiny_server):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, None, "n must be 1"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{oops"}}]},
-        {"role": "tool", "tool_call_id": "c", "content": "5"}]}, "messages[1]", "not JSON"),
+        {"role": "tool", "tool_call_id": "c", "content": "5"}], "tools": OPENAI_TOOLS}, "messages[1]", "not JSON"),
 ])
 def test_malformed_requests_get_400_in_openai_shape(tiny_server, body, param, fragment):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -315,7 +281,7 @@ def server(tmp_path_factory):
 
     adapter = tuned_adapter(tmp_path_factory.mktemp("serve"))
     app = create_app({"tuned": adapter, "base": "smollm2-135m-instruct"}, api_key=KEY, default_max_tokens=48)
-    with _running(app) as url:
+    with running(app) as url:
         yield url, app
 
 

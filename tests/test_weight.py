@@ -19,7 +19,7 @@ from calltune.formats.chat import render_chat, select_turns, trained_turns
 from calltune.schema import Example, Message, SchemaError, ToolCall
 from calltune.sources import Rejects
 from calltune.sources.openai_jsonl import load_openai_jsonl
-from test_formats_toolcalling import QWEN_STYLE_TEMPLATE, qwen_turn
+from test_formats_toolcalling import qwen_turn
 
 EOT = "<|im_end|>"
 TOOL = {"type": "function", "function": {
@@ -40,17 +40,6 @@ def retry_example(first_weight=0, second_weight=None) -> Example:
         Message(role="tool", tool_call_id="c1", content=ERROR),
         Message(role="assistant", tool_calls=[FIXED], weight=second_weight),
     ], tools=[TOOL], source="mem", row=0)
-
-
-@pytest.fixture(scope="module")
-def qwen_tokenizer(tokenizer):
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = QWEN_STYLE_TEMPLATE
-    return tok
-
-
-def tok_for(name, tokenizer, qwen_tokenizer):
-    return qwen_tokenizer if name == "chat_template" else tokenizer
 
 
 def turn_text(name, fmt, message: Message) -> str:
@@ -80,8 +69,8 @@ def first_turn_span(tok, ids, first: str, second: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("train_on", ["all", "last"])
 @pytest.mark.parametrize("name", MULTI_TURN_FORMATS)
-def test_weight_0_turn_is_context_and_the_correction_is_trained(name, train_on, tokenizer, qwen_tokenizer):
-    tok, fmt, ex = tok_for(name, tokenizer, qwen_tokenizer), get_format(name), retry_example()
+def test_weight_0_turn_is_context_and_the_correction_is_trained(name, train_on, tokenizer, tokenizer_for):
+    tok, fmt, ex = tokenizer_for(name), get_format(name), retry_example()
     broken, fixed = turn_text(name, fmt, ex.messages[1]), turn_text(name, fmt, ex.messages[3])
     ids, mask = fmt.render(ex, tok, train_on=train_on)
     # the whole corrected turn and its end-of-turn are trained, nothing else
@@ -99,8 +88,8 @@ def test_weight_0_turn_is_context_and_the_correction_is_trained(name, train_on, 
 
 
 @pytest.mark.parametrize("name", MULTI_TURN_FORMATS)
-def test_train_on_last_picks_the_last_trained_turn(name, tokenizer, qwen_tokenizer):
-    tok, fmt = tok_for(name, tokenizer, qwen_tokenizer), get_format(name)
+def test_train_on_last_picks_the_last_trained_turn(name, tokenizer, tokenizer_for):
+    tok, fmt = tokenizer_for(name), get_format(name)
     ex = retry_example(first_weight=1, second_weight=0)
     broken = turn_text(name, fmt, ex.messages[1])
     for train_on in ("all", "last"):  # the final turn has weight 0, so "last" means the first turn

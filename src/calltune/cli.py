@@ -1,19 +1,23 @@
 """The `calltune` command line: one command per stage, plus `run` for the whole pipeline.
 
 Owns argument parsing and user-facing messages only; every command calls into the stage packages.
-Bad input (unknown model, recipe key, source or format; unreadable data) exits with code 2 and a
-one-paragraph message, never a traceback.
+Bad input (unknown model, recipe key, source or format; unreadable, non-UTF-8 or directory data
+paths; an output that would overwrite an input or cannot be created; a ``--set`` that contradicts an
+option) exits with code 2 and a one-line message naming the file (row, field) or option, never a
+traceback. Output paths are checked before anything is read or written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune small language models for function calling, end to end.")
@@ -21,8 +25,21 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _fail(err: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+def _message(err: Exception) -> str:
+    """The user-facing text of `err`: pydantic errors on one line, OS errors naming the file."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+    if isinstance(err, OSError) and err.strerror:
+        names = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return f"{names or 'a file'}: {err.strerror}; check the path and its permissions"
+    return str(err)
+
+
+def _fail(err: Exception) -> NoReturn:
+    # Text, not markup: messages quote data ("name[x]") that rich would read as style tags
+    err_console.print(Text.assemble(("error: ", "bold red"), _message(err)), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -33,19 +50,172 @@ def _user_errors():
     from calltune.schema import SchemaError
     from calltune.sources import SourceError
 
-    return (RecipeError, SourceError, ModelNotFound, SchemaError, FormatError, FileNotFoundError, ValueError)
+    return (RecipeError, SourceError, ModelNotFound, SchemaError, FormatError, OSError, ValueError)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
+    """``--set key=value`` pairs (values parsed as YAML) -> ``{key: value}``; a key given twice must agree."""
     import yaml
 
-    out = {}
+    from calltune.recipe import yaml_error
+
+    out: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
+        if "=" not in pair or not pair.split("=", 1)[0].strip():
             raise ValueError(f"--set takes key=value (e.g. train.max_steps=20), got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        key = key.strip()
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {pair}: the value is not valid YAML ({yaml_error(err)}); quote it") from None
+        if key in out and out[key] != parsed:
+            raise ValueError(f"--set {key} is given twice, as {out[key]!r} and {parsed!r}; give it once")
+        out[key] = parsed
     return out
+
+
+def _given(ctx: typer.Context, param: str) -> bool:
+    """Whether option `param` was given (command line or environment), not left at its default."""
+    source = ctx.get_parameter_source(param)  # by name: typer may vendor its own click
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _flag(param: str, value: Any) -> str:
+    name = param.rstrip("_").replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
+
+
+def _merge_set(ctx: typer.Context, overrides: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """`options` (``{param: value}``) with the ``--set`` `overrides` applied; a key set both ways must agree.
+
+    Raises:
+        ValueError: a ``--set`` key that is also an option given on the command line with another value.
+    """
+    merged = {**options}
+    for key, value in overrides.items():
+        if key in options and _given(ctx, key) and value != options[key]:
+            raise ValueError(f"--set {key}={json.dumps(value, default=str)} disagrees with {_flag(key, options[key])}; "
+                             f"give {key} once (the option or --set)")
+        merged[key] = value
+    return merged
+
+
+def _settings(cls: type, settings: dict[str, Any], origin: str):
+    """``cls(**settings)`` (a pydantic config), a validation error turned into one `ValueError` line."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    from calltune.recipe import model_fields
+
+    try:
+        return cls(**settings)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(map(str, e["loc"]))
+            choices = model_fields(cls, tuple(e["loc"])) if e["type"] == "extra_forbidden" else []
+            if choices:
+                close = difflib.get_close_matches(str(e["loc"][-1]), choices, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                problems.append(f"{key}: unknown setting{hint} (allowed: {', '.join(choices)})")
+            else:
+                problems.append(f"{key}: {e['msg']}")
+        raise ValueError(f"{origin}: " + "; ".join(problems)) from None
+
+
+# -- path checks: run before anything is read or written ----------------------------------------
+def _check_parents(option: str, path: Path) -> None:
+    for parent in path.parents:  # nearest first; the first that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+            return
+
+
+def _check_output_file(option: str, path: Optional[Path]) -> None:
+    """`path` can be written as a file: it is not a folder and no parent of it is a file."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a folder, not a file; give a file path (e.g. {path / 'out.jsonl'})")
+    _check_parents(option, path)
+
+
+def _check_output_dir(option: str, path: Optional[Path]) -> None:
+    """`path` can be used as an output folder: it is not a file and no parent of it is a file."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path}: is a file, not a folder; give a folder path")
+    _check_parents(option, path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file after resolving symlinks and ``..`` (and hard links, when both exist)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _check_no_overlap(inputs: dict[str, Any], outputs: dict[str, Optional[Path]]) -> None:
+    """No output file is an (existing, local) input file, nor another output file.
+
+    `inputs` and `outputs` map the option name (for the message) to its path; None entries and
+    inputs that are no local file (hub ids) are skipped.
+    """
+    ins = {k: Path(v) for k, v in inputs.items() if v is not None and Path(v).exists()}
+    outs = [(k, Path(v)) for k, v in outputs.items() if v is not None]
+    for out_name, out in outs:
+        for in_name, inp in ins.items():
+            if _same_file(out, inp):
+                raise ValueError(f"{out_name} {out} is the same file as {in_name} {inp}: it would overwrite the "
+                                 "input; choose another output path")
+    for i, (a_name, a) in enumerate(outs):
+        for b_name, b in outs[i + 1:]:
+            if _same_file(a, b):
+                raise ValueError(f"{a_name} {a} and {b_name} {b} are the same file; give them different paths")
+
+
+def _check_run_output(option: str, out: Path, writes: list[str], data: dict[str, Any]) -> None:
+    """`out` can be a run folder, and none of the files written in it (`writes`) is a data file."""
+    _check_output_dir(option, out)
+    _check_no_overlap(data, {f"{option}'s {name}": out / name for name in writes})
+
+
+RUN_WRITES = ["recipe.json", "rejects.jsonl", "summary.json", "report.md", "loss.png"]
+EVAL_WRITES = ["predictions.jsonl", "metrics.json", "rejects.jsonl", "confusion.png"]
+
+
+def _data_paths(r) -> dict[str, Any]:
+    """``{"data.train": path, "data.eval": path}`` of a recipe (for the overlap checks)."""
+    return {"data.train": r.data.train_path, "data.eval": r.data.eval}
+
+
+def _check_data_files(r) -> None:
+    """Each local data file of recipe `r` is a readable, non-empty file (before any output is written)."""
+    from calltune.sources.base import check_file, is_local_path
+
+    if r.data.source == "bfcl":  # categories, not files
+        return
+    for key, value in _data_paths(r).items():
+        if value and is_local_path(value):
+            check_file(value, f"{key} {value}")
+
+
+def _check_set_output_dir(overrides: dict[str, Any], output: Optional[Path], expected: Optional[Path]) -> None:
+    """``--set output_dir=X`` and ``-o`` together must name the same folder (`expected` is what -o implies)."""
+    if output is None or "output_dir" not in overrides:
+        return
+    if Path(str(overrides["output_dir"])).resolve() != Path(expected).resolve():
+        raise ValueError(f"--set output_dir={overrides['output_dir']} disagrees with --output {output}; "
+                         "give the output folder once")
 
 
 @app.command()
@@ -58,15 +228,20 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; see rec
     Without a recipe: the embedded default job (fine-tune SmolLM2-135M-Instruct on BFCL's live
     categories, score base and tuned on its non-live ones with the official AST checker).
     """
-    from calltune.pipeline import run_recipe
     from calltune.recipe import load_recipe
 
     try:
-        r = load_recipe(recipe, _parse_overrides(set_))
+        overrides = _parse_overrides(set_)
+        _check_set_output_dir(overrides, output, output)
+        r = load_recipe(recipe, overrides)
+        out = Path(output) if output else r.out
+        _check_run_output("--output" if output else "output_dir", out, RUN_WRITES, _data_paths(r))
+        _check_data_files(r)
+        from calltune.pipeline import run_recipe  # imports torch: after the cheap checks
+
         summary = run_recipe(r, output)
     except _user_errors() as err:
         _fail(err)
-    out = Path(output) if output else r.out
     console.print((out / "report.md").read_text())
     console.print(f"[green]report:[/] {out / 'report.md'}")
     return summary
@@ -74,7 +249,8 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; see rec
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML")):
-    """Check a recipe without loading weights; report every problem at once."""
+    """Check a recipe without loading weights: names, paths and each local data file (readable, the
+    source's columns, its first rows convert); report every problem at once."""
     from calltune.recipe import validate_recipe
 
     try:
@@ -89,13 +265,19 @@ def train(recipe: Path = typer.Argument(..., help="recipe YAML"),
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="model folder (default runs/<name>/model)"),
           set_: list[str] = typer.Option([], "--set", help="override a recipe key")):
     """Train only (no evaluation): saves the model or adapter with its prompt format."""
-    from calltune.pipeline import prepare, recipe_format
     from calltune.recipe import load_recipe
-    from calltune.train import train as run_train
 
     try:
-        r = load_recipe(recipe, _parse_overrides(set_))
+        overrides = _parse_overrides(set_)
+        _check_set_output_dir(overrides, output, output.parent if output else None)
+        r = load_recipe(recipe, overrides)
         out = Path(output) if output else r.out / "model"
+        _check_output_dir("--output" if output else "output_dir", out)
+        _check_no_overlap(_data_paths(r), {"the rejects file": out.parent / "rejects.jsonl"})
+        _check_data_files(r)
+        from calltune.pipeline import prepare, recipe_format  # import torch: after the cheap checks
+        from calltune.train import train as run_train
+
         train_ex, _, counts, rejects = prepare(r, out.parent)
         result = run_train(r.model, train_ex, recipe_format(r), r.train, out, rejects=rejects)
         rejects.write()
@@ -115,11 +297,11 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
                                                   "category, calltune.sources.bfcl.NON_LIVE_EVAL)"),
           split: str = typer.Option("validation", "--split", help="hub split"),
           fmt: Optional[str] = typer.Option(None, "--format", help="prompt format (default: the one saved with the model)"),
-          limit: Optional[int] = typer.Option(None, "--limit", help="first N examples only (per BFCL category)"),
-          batch_size: int = typer.Option(32, "--batch-size"),
-          workers: Optional[int] = typer.Option(None, "--workers", help="decoders in parallel threads, sharing "
+          limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N examples only (per BFCL category)"),
+          batch_size: int = typer.Option(32, "--batch-size", min=1),
+          workers: Optional[int] = typer.Option(None, "--workers", min=1, help="decoders in parallel threads, sharing "
                                                 "--batch-size (default: one per CPU thread, 64+ slots each)"),
-          max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+          max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
           constrained: bool = typer.Option(False, "--constrained/--no-constrained",
                                            help="constrained decoding: calls name an offered tool, arguments fit its schema"),
           output: Path = typer.Option(Path("runs/eval"), "--output", "-o")):
@@ -139,6 +321,7 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
             source, data = "bfcl", data or ",".join(NON_LIVE_EVAL)
         if data is None:
             raise ValueError("give --data (an eval file or hub id) or --benchmark bfcl")
+        _check_run_output("--output", output, EVAL_WRITES, {"--data": data if source != "bfcl" else None})
         rejects = Rejects(output / "rejects.jsonl")
         examples = load_source(source, data, split=split, rejects=rejects, limit=limit)
         rejects.write()
@@ -154,9 +337,15 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
 def merge(adapter: Path = typer.Argument(..., help="LoRA adapter folder"),
           output: Path = typer.Argument(..., help="where the merged model goes")):
     """Fold a LoRA adapter into its base model: full HF safetensors that plain transformers loads."""
-    from calltune.train import merge_adapter
-
     try:
+        if adapter.exists() and not adapter.is_dir():
+            raise ValueError(f"ADAPTER {adapter}: is a file, not an adapter folder; give the folder holding "
+                             "adapter_config.json")
+        _check_output_dir("OUTPUT", output)
+        if output.exists() and _same_file(output, adapter):
+            raise ValueError(f"OUTPUT {output} is the adapter folder itself; give a new folder for the merged model")
+        from calltune.train import merge_adapter  # imports torch: after the cheap checks
+
         merge_adapter(adapter, output)
     except _user_errors() as err:
         _fail(err)
@@ -165,7 +354,7 @@ def merge(adapter: Path = typer.Argument(..., help="LoRA adapter folder"),
 
 @app.command()
 def show(recipe: Path = typer.Argument(..., help="recipe YAML"),
-         n: int = typer.Option(1, "-n", help="how many examples"),
+         n: int = typer.Option(1, "-n", min=1, help="how many examples"),
          model: Optional[str] = typer.Option(None, "--model", help="tokenizer to render with (default: the recipe's)")):
     """Print training examples as the model sees them, trained tokens highlighted in green."""
     from rich.text import Text
@@ -207,7 +396,8 @@ app.add_typer(data_app, name="data")
 
 
 @data_app.command("clean")
-def data_clean(source: str = typer.Option(..., "--source", help="dataset adapter: xlam, glaive, llama_functions, hermes, openai_jsonl"),
+def data_clean(ctx: typer.Context,
+               source: str = typer.Option(..., "--source", help="dataset adapter: xlam, glaive, llama_functions, hermes, openai_jsonl"),
                input_: str = typer.Option(..., "--input", help="file or hub id the source reads"),
                output: Path = typer.Option(..., "--output", "-o", help="kept examples as canonical JSONL"),
                val_output: Optional[Path] = typer.Option(None, "--val-output", help="move --val-fraction of the kept examples here"),
@@ -219,15 +409,30 @@ def data_clean(source: str = typer.Option(..., "--source", help="dataset adapter
                dedupe: bool = typer.Option(True, "--dedupe/--no-dedupe", help="drop repeated examples"),
                val_fraction: float = typer.Option(0.1, "--val-fraction", help="share held out with --val-output"),
                seed: int = typer.Option(0, "--seed", help="seed of the balance choice and the split"),
-               set_: list[str] = typer.Option([], "--set", help="any other CleanConfig field, e.g. --set reject_unknown_arguments=true")):
+               set_: list[str] = typer.Option([], "--set", help="any CleanConfig field or val_fraction, e.g. "
+                                                               "--set reject_unknown_arguments=true (must agree "
+                                                               "with an option given for the same key)")):
     """Validate, repair and filter a tool-calling dataset into canonical JSONL (rules: calltune.sources.clean)."""
     from calltune.sources.clean import CleanConfig, clean_command
 
     try:
-        cfg = CleanConfig(**{**_parse_overrides(set_), "trailing_user": trailing_user, "remove_no_call": remove_no_call,
-                             "max_no_call_fraction": max_no_call_fraction, "coerce_types": coerce_types,
-                             "dedupe": dedupe, "seed": seed})
-        report = clean_command(source, input_, output, val_output, rejects, cfg, val_fraction=val_fraction)
+        overrides = _parse_overrides(set_)
+        settings = _merge_set(ctx, overrides, {
+            "trailing_user": trailing_user, "remove_no_call": remove_no_call,
+            "max_no_call_fraction": max_no_call_fraction, "coerce_types": coerce_types, "dedupe": dedupe,
+            "seed": seed, "val_fraction": val_fraction})
+        fraction = settings.pop("val_fraction")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise ValueError(f"val_fraction (--val-fraction or --set) must be a number in [0, 1), got {fraction!r}")
+        if val_output is None and (_given(ctx, "val_fraction") or "val_fraction" in overrides):
+            raise ValueError("val_fraction is given but --val-output is not: give --val-output for the held-out "
+                             "examples, or drop val_fraction")
+        cfg = _settings(CleanConfig, settings, "clean settings (options or --set)")
+        _check_output_file("--output", output)
+        _check_output_file("--val-output", val_output)
+        _check_output_file("--rejects", rejects)
+        _check_no_overlap({"--input": input_}, {"--output": output, "--val-output": val_output, "--rejects": rejects})
+        report = clean_command(source, input_, output, val_output, rejects, cfg, val_fraction=fraction)
     except _user_errors() as err:
         _fail(err)
     console.print_json(json.dumps(report))
@@ -248,18 +453,28 @@ def data_augment(input_: str = typer.Option(..., "--input", help="canonical JSON
     import yaml
 
     from calltune.augment import AugmentConfig, augment_command
-    from calltune.recipe import set_dotted
+    from calltune.recipe import set_dotted, yaml_error
+    from calltune.sources.base import read_text
 
     try:
+        overrides = _parse_overrides(set_)
+        _check_output_file("--output", output)
+        _check_output_file("--rejects", rejects)
+        _check_no_overlap({"--input": input_, "--config": config}, {"--output": output, "--rejects": rejects})
         data = {}
         if config is not None:
-            data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            try:
+                data = yaml.safe_load(read_text(config, f"--config {config}")) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"--config {config}: not valid YAML ({yaml_error(err)})") from None
             data = data.get("augment", data) if isinstance(data, dict) else data
             if not isinstance(data, dict):
-                raise ValueError(f"{config}: expected a mapping of rule settings")
-        for key, value in _parse_overrides(set_).items():
+                raise ValueError(f"--config {config}: expected a mapping of rule settings")
+        for key, value in overrides.items():
             set_dotted(data, key, value)
-        report = augment_command(input_, output, AugmentConfig(**data), source, rejects)
+        origin = f"--config {config} with --set" if config is not None and overrides else \
+            (f"--config {config}" if config is not None else "--set")
+        report = augment_command(input_, output, _settings(AugmentConfig, data, origin), source, rejects)
     except _user_errors() as err:
         _fail(err)
     console.print_json(json.dumps(report))
@@ -281,6 +496,25 @@ def _served_models(model: Optional[str], named: list[str]) -> dict[str, str]:
     return out
 
 
+def _limits(pairs: list[str]):
+    """`calltune.serve.protocol.Limits` from ``--limit KEY=N`` options."""
+    from pydantic import ValidationError
+
+    from calltune.serve.protocol import Limits
+
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in Limits.model_fields:
+            raise ValueError(f"--limit takes KEY=N with KEY one of {', '.join(Limits.model_fields)}, got {pair!r}")
+        values[key] = value
+    try:
+        return Limits(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ValueError(f"--limit {first['loc'][0]}: {first['msg']}") from None
+
+
 @app.command()
 def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alias, folder, adapter, .gguf or hub id)"),
           named: list[str] = typer.Option([], "--model", "-m", help="NAME=PATH, repeatable: several models or "
@@ -291,18 +525,21 @@ def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alia
                                                 help="require `Authorization: Bearer KEY` (env CALLTUNE_API_KEY)"),
           constrained: bool = typer.Option(True, "--constrained/--no-constrained",
                                            help="constrain tool calls to the offered tools and their JSON Schemas"),
-          max_tokens: int = typer.Option(512, "--max-tokens", help="completion length when a request sets none")):
+          max_tokens: int = typer.Option(512, "--max-tokens", help="completion length when a request sets none"),
+          limit: list[str] = typer.Option([], "--limit", help="KEY=N, repeatable: a bound on each request "
+                                          "(max_body_bytes, max_messages, max_tools, max_depth, max_stop)")):
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models (use with the openai client)."""
     from calltune.runtime import keep_freed_memory
     from calltune.serve import run as run_server
 
     keep_freed_memory()
     try:
+        limits = _limits(limit)
         models = _served_models(model, named)
         console.print(f"serving {', '.join(models)} on http://{host}:{port}/v1"
                       + (" (API key required)" if api_key else ""))
         run_server(models, host=host, port=port, api_key=api_key, constrained=constrained,
-                   default_max_tokens=max_tokens)
+                   default_max_tokens=max_tokens, limits=limits)
     except _user_errors() as err:
         _fail(err)
 
@@ -348,6 +585,12 @@ def export(model: str = typer.Argument(..., help="model or LoRA adapter folder")
     from calltune.serve.export import export_gguf, export_hf
 
     try:
+        if fmt == "gguf":
+            _check_output_file("--output", output)
+        elif fmt == "hf":
+            _check_output_dir("--output", output)
+        if output.exists() and Path(model).exists() and _same_file(output, Path(model)):
+            raise ValueError(f"--output {output} is the model itself; give a new path")
         if fmt == "gguf":
             out = export_gguf(model, output, outtype=outtype, converter=converter)
         elif fmt == "hf":

@@ -8,6 +8,7 @@ Owns `Recipe` (whose keys map 1:1 onto the stage configs: `DataConfig` here, `Tr
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +72,30 @@ class Recipe(BaseModel):
 
 
 class RecipeError(ValueError):
-    """A recipe has problems; `problems` lists every one, each naming the key path."""
+    """A recipe has problems; `problems` lists every one, each naming the key path.
+
+    The message is one line for one problem (``path: problem``), else a count and one line per problem.
+    """
 
     def __init__(self, path: str, problems: list[str]):
         self.problems = problems
-        super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:
+            super().__init__(f"{path}: {problems[0]}")
+        else:
+            super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _model_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+def model_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed where `loc` (a pydantic error location) points inside `model`; [] if unknown."""
     for part in loc[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # ``X | None`` -> X
+        models = [a for a in (typing.get_args(annotation) or (annotation,))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) != 1:
             return []
-        model = annotation
+        model = models[0]
     return list(model.model_fields)
 
 
@@ -94,7 +105,7 @@ def _problems(err: ValidationError) -> list[str]:
         loc = tuple(e["loc"])
         key = ".".join(map(str, loc))
         if e["type"] == "extra_forbidden":
-            choices = _model_fields(Recipe, loc)
+            choices = model_fields(Recipe, loc)
             close = difflib.get_close_matches(str(loc[-1]), choices, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             out.append(f"{key}: unknown key{hint} (allowed: {', '.join(choices)})")
@@ -117,6 +128,13 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "bfcl-default.yaml"
 
 
+def yaml_error(err: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: ``line L, column C: problem``."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Parse and validate a recipe file; `overrides` (dotted keys, e.g. ``train.max_steps``) win.
 
@@ -128,11 +146,20 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
     """
     path = Path(path) if path is not None else DEFAULT_RECIPE
     if not path.exists():
-        raise RecipeError(str(path), ["file not found"])
+        raise RecipeError(str(path), ["file not found; check the path (recipes/ has examples)"])
+    if not path.is_file():
+        raise RecipeError(str(path), ["is a directory, not a recipe file; give the path of a YAML file"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8-sig")  # a leading BOM is fine
+    except OSError as err:
+        raise RecipeError(str(path), [f"cannot be read ({err.strerror}); check its permissions"]) from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise RecipeError(str(path), [f"line {line} is not UTF-8; save the file as UTF-8"]) from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise RecipeError(str(path), [f"not valid YAML: {err}"]) from None
+        raise RecipeError(str(path), [f"not valid YAML: {yaml_error(err)}"]) from None
     if not isinstance(data, dict):
         raise RecipeError(str(path), ["the top level must be a mapping of keys"])
     for dotted, value in (overrides or {}).items():
@@ -158,8 +185,33 @@ def _bfcl_problems(key: str, value: str) -> list[str]:
     return out
 
 
+CHECK_ROWS = 10
+
+
+def _data_problems(source: str, key: str, value: str) -> list[str]:
+    """Problems of the local data file `value` (recipe key ``data.<key>``) read by `source`.
+
+    Opens the file, checks the source's columns and converts the first `CHECK_ROWS` rows; a problem
+    if the file cannot be read, lacks a column, or none of those rows converts.
+    """
+    from calltune.sources import Rejects, SourceError, load_source
+
+    rejects = Rejects()
+    try:
+        examples = load_source(source, value, rejects=rejects, limit=CHECK_ROWS)
+    except SourceError as err:
+        return [f"data.{key}: {err}"]
+    if examples or not rejects.items:
+        return []
+    first = rejects.items[0]
+    where = SourceError(value, first["row"], None, first["reason"])
+    return [f"data.{key}: none of the first {len(rejects.items)} rows is usable by source {source!r}, e.g. {where}; "
+            "check data.source and the file"]
+
+
 def validate_recipe(path: str | Path) -> Recipe:
-    """`load_recipe` plus the checks that need no weights: format, source and model names, data paths.
+    """`load_recipe` plus the checks that need no weights: format, source and model names, data paths,
+    and each local data file (readable, the source's columns, its first `CHECK_ROWS` rows convert).
 
     Raises:
         RecipeError: listing every problem found.
@@ -188,7 +240,11 @@ def validate_recipe(path: str | Path) -> Recipe:
         if recipe.data.source == "bfcl" and value:
             problems += _bfcl_problems(key, value)
             continue
-        if not value or Path(value).exists():
+        if not value:
+            continue
+        if Path(value).exists():
+            if recipe.data.source in SOURCES:
+                problems += _data_problems(recipe.data.source, key, value)
             continue
         if Path(value).suffix.lower() in (".csv", ".json", ".jsonl", ".parquet"):
             problems.append(f"data.{key}: file {value!r} not found")

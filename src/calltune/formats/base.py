@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from transformers import PreTrainedTokenizerBase
 
 from calltune.formats.chat import FormatError, render_chat, render_prompt, trained_turns
+from calltune.formats.literal import literal_scope
 from calltune.schema import Example, Message, ToolCall
 
 FORMAT_FILE = "calltune_format.json"
@@ -44,7 +45,9 @@ class PromptFormat:
       the generation prompt, for inference;
     - `parse(text) -> Parsed`: a completion back to tool calls.
 
-    Subclasses set `name` and override `assistant_text`, `parse`, and where needed `to_chat`.
+    Subclasses set `name` and override `assistant_text`, `parse`, and where needed `to_chat` (or
+    `_render`/`_prompt` for layouts that bypass the chat template; `render`/`prompt` themselves can't be
+    overridden: they keep special-token strings in the data plain text, see `calltune.formats.literal`).
     """
 
     name: ClassVar[str] = ""
@@ -73,7 +76,33 @@ class PromptFormat:
 
     def render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
                train_on: str = "all") -> tuple[list[int], list[int]]:
-        """``(input_ids, loss_mask)`` of the whole conversation; see `calltune.formats.chat.render_chat`."""
+        """``(input_ids, loss_mask)`` of the whole conversation; see `calltune.formats.chat.render_chat`.
+
+        Special-token strings in the example's data come out as plain text, never as special tokens
+        (`calltune.formats.literal`). Formats override `_render`, not this.
+        """
+        with literal_scope(example, tokenizer) as example:
+            return self._render(example, tokenizer, max_length=max_length, train_on=train_on)
+
+    def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Ids of the conversation before its final assistant turn, plus the generation prompt.
+
+        Supplied special-token strings stay plain text, as in `render`. Formats override `_prompt`.
+        """
+        with literal_scope(example, tokenizer) as example:
+            return self._prompt(example, tokenizer)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # render/prompt hold the one guard against supplied control strings; formats extend the hooks
+        for attr in ("render", "prompt"):
+            if attr in vars(cls):
+                raise TypeError(f"{cls.__name__} overrides PromptFormat.{attr}; override _{attr} instead, so "
+                                "special-token strings in the data stay plain text")
+
+    def _render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
+                train_on: str = "all") -> tuple[list[int], list[int]]:
+        """`render` of an example whose special-token strings are placeholders (what formats override)."""
         try:
             chat, tools = self.to_chat(example.messages, example.tools_as_dicts())
             return render_chat(tokenizer, chat, tools, train_on=train_on, max_length=max_length,
@@ -81,8 +110,8 @@ class PromptFormat:
         except FormatError as err:
             raise FormatError(f"{example.where}: {err}") from None
 
-    def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        """Ids of the conversation before its final assistant turn, plus the generation prompt."""
+    def _prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """`prompt` of an example whose special-token strings are placeholders (what formats override)."""
         messages = list(example.messages)
         if messages and messages[-1].role == "assistant":
             messages = messages[:-1]

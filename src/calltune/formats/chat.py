@@ -13,10 +13,17 @@ the first end-of-turn string after it). System, user and tool turns, the generat
 Which assistant turns are trained is decided in one place, `trained_turns`, for every format: not
 those with ``weight`` 0 (OpenAI's fine-tuning ``weight``, see `calltune.schema.Message`), and with
 ``train_on="last"`` only the last of the others.
+
+Every place where text becomes ids goes through `encode`, which spells the placeholders of supplied
+control strings (see `calltune.formats.literal`) as plain text; without placeholders it is one plain
+``tokenizer(text)`` call, as it always was.
 """
 
 from __future__ import annotations
 
+import re
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -58,6 +65,88 @@ def trained_turns(messages: Sequence["Message"], train_on: str = "all") -> list[
     chat formats pass them to `render_chat`, raw-text formats mark their answer segments with them.
     """
     return select_turns([m.trained for m in messages if m.role == "assistant"], train_on)
+
+
+@dataclass(frozen=True)
+class Literals:
+    """The placeholders of one render: ``table`` maps each placeholder (a private-use character, and
+    the ASCII escape ``json.dumps`` writes for it with ``ensure_ascii=True``) to the special-token
+    string it stands for; ``pattern`` finds any of them."""
+
+    table: dict[str, str]
+    pattern: re.Pattern
+
+
+# Set by `calltune.formats.literal.literal_scope` while a format renders an example that had control
+# strings in its data; None otherwise (text is then tokenized exactly as given).
+ACTIVE_LITERALS: ContextVar[Literals | None] = ContextVar("calltune_literals", default=None)
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """``{text: id}`` of the tokens that text must never produce: added tokens marked special and the
+    named special tokens (bos, eos, unk, pad, ...)."""
+    out = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    for text, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids):
+        out.setdefault(text, i)
+    return {text: i for text, i in out.items() if text}
+
+
+def _spell(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Ids of `text` as plain text even if it is a special-token string (``split_special_tokens``).
+
+    Raises:
+        FormatError: the tokenizer still produced a special token (it ignores ``split_special_tokens``).
+    """
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if set(ids) & set(special_tokens(tokenizer).values()):
+        raise FormatError(f"the tokenizer can't spell {text!r} as plain text (split_special_tokens is ignored)")
+    return ids
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str,
+              offsets: bool) -> tuple[list[int], list[tuple[int, int]] | None]:
+    if offsets:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"], None
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str,
+           offsets: bool = False) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """``(ids, offset_mapping or None)`` of `text`, no special tokens added.
+
+    Without active placeholders (`ACTIVE_LITERALS`) in `text` this is one ``tokenizer(text)`` call.
+    Otherwise the text is cut at each placeholder: the pieces between are tokenized normally (the
+    template's control strings stay special tokens), each placeholder becomes its special-token
+    string in plain-text tokens, all of which get the placeholder's own offsets (so the span test on
+    a token's start treats them as the one character they replace). Pieces are tokenized apart, as
+    text is around a special token; a tokenizer that prefixes every input with a space marker
+    (SentencePiece ``▁``) prefixes every piece, which stays plain text.
+
+    Raises:
+        FormatError: the tokenizer can't spell a special-token string as plain text (see `_spell`).
+    """
+    literals = ACTIVE_LITERALS.get()
+    if literals is None or not literals.pattern.search(text):
+        return _tokenize(tokenizer, text, offsets)
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+
+    def plain(start: int, stop: int) -> None:
+        if start < stop:
+            piece_ids, piece_spans = _tokenize(tokenizer, text[start:stop], offsets)
+            ids.extend(piece_ids)
+            spans.extend((a + start, b + start) for a, b in piece_spans or ())
+
+    pos = 0
+    for match in literals.pattern.finditer(text):
+        plain(pos, match.start())
+        spelled = _spell(tokenizer, literals.table[match.group()])
+        ids.extend(spelled)
+        spans.extend([match.span()] * len(spelled))
+        pos = match.end()
+    plain(pos, len(text))
+    return ids, (spans if offsets else None)
 
 
 def _template(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
@@ -113,10 +202,11 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
 
 def _tokenize_with_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]],
                          max_length: int | None) -> tuple[list[int], list[int]]:
-    """Tokenize `text` (no special tokens added) and mark a token trained iff it starts inside a span."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, mask = enc["input_ids"], []
-    for start, stop in enc["offset_mapping"]:
+    """Tokenize `text` (no special tokens added, see `encode`) and mark a token trained iff it starts
+    inside a span."""
+    ids, offsets = encode(tokenizer, text, offsets=True)
+    mask = []
+    for start, stop in offsets:
         mask.append(int(any(a <= start < b for a, b in spans) and stop > start))
     if max_length is not None:
         ids, mask = ids[:max_length], mask[:max_length]
@@ -127,7 +217,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, A
                   tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of `messages` followed by the generation prompt: what the model continues at inference."""
     text = _template(tokenizer, messages, tools, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(tokenizer, text)[0]
 
 
 def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -148,9 +238,11 @@ def render_segments(tokenizer: PreTrainedTokenizerBase, segments: list[tuple[str
                     max_length: int | None = None, cuts: Iterable[int] = ()) -> tuple[list[int], list[int]]:
     """Render raw-text `segments` ``[(text, trained), ...]`` (no chat template) into ``(input_ids, loss_mask)``.
 
-    The texts are concatenated and tokenized with offsets (special-token strings such as the eos
-    text become their special ids); a token is trained iff it starts inside a trained segment, the
-    same rule as `render_chat`. The caller includes bos/eos text where the format wants them.
+    The texts are concatenated and tokenized with offsets (special-token strings the format writes,
+    such as the eos text, become their special ids; those from the example's data were made
+    placeholders by `calltune.formats.literal` and stay plain text, see `encode`); a token is trained
+    iff it starts inside a trained segment, the same rule as `render_chat`. The caller includes
+    bos/eos text where the format wants them.
 
     `cuts`: indices of segments before which tokenization restarts (the text is tokenized in pieces
     split there). A format cuts where its prompt ends, so that ``prompt`` ids (the text up to the cut,

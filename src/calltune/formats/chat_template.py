@@ -112,18 +112,18 @@ class ChatTemplateFormat(PromptFormat):
             raise FormatError(f"{example.where}: the tokenizer's chat template ignores tools=, so tools and calls "
                               "would vanish; use the 'hermes' format (or default_format_for(tokenizer))")
 
-    def render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
-               train_on: str = "all") -> tuple[list[int], list[int]]:
+    def _render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
+                train_on: str = "all") -> tuple[list[int], list[int]]:
         self._check(example, tokenizer)
         try:
-            return super().render(example, tokenizer, max_length=max_length, train_on=train_on)
+            return super()._render(example, tokenizer, max_length=max_length, train_on=train_on)
         except TemplateError as err:
             raise FormatError(f"{example.where}: the chat template refused the conversation: {err}") from None
 
-    def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    def _prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         self._check(example, tokenizer)
         try:
-            return super().prompt(example, tokenizer)
+            return super()._prompt(example, tokenizer)
         except TemplateError as err:
             raise FormatError(f"{example.where}: the chat template refused the conversation: {err}") from None
 

@@ -118,12 +118,12 @@ class FunctionCallFormat(PromptFormat):
             close_inst()
         return segments, cuts
 
-    def render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
-               train_on: str = "all") -> tuple[list[int], list[int]]:
+    def _render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
+                train_on: str = "all") -> tuple[list[int], list[int]]:
         segments, cuts = self.segments(example, tokenizer, train_on)
         return render_segments(tokenizer, segments, max_length=max_length, cuts=cuts)
 
-    def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    def _prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         messages = list(example.messages)
         if messages and messages[-1].role == "assistant":
             messages = messages[:-1]

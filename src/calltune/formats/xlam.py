@@ -51,8 +51,8 @@ class XlamFormat(PromptFormat):
         tools = "\n".join(dumps(t["function"]) for t in example.tools_as_dicts())
         return f"<user>{example.messages[0].content}</user>\n\n<tools>{tools}</tools>\n\n"
 
-    def render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
-               train_on: str = "all") -> tuple[list[int], list[int]]:
+    def _render(self, example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
+                train_on: str = "all") -> tuple[list[int], list[int]]:
         context = self._context(example)
         if len(example.messages) != 2:
             raise FormatError(f"{example.where}: nothing to train, the example has no assistant turn")
@@ -66,7 +66,7 @@ class XlamFormat(PromptFormat):
                     (answer.removeprefix(OPEN) + end_of_turn(tokenizer), trained)]
         return render_segments(tokenizer, segments, max_length=max_length, cuts=[2])
 
-    def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    def _prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         return render_segments(tokenizer, [(bos_prefix(tokenizer) + self._context(example), False), (OPEN, True)])[0]
 
     def parse(self, text: str) -> Parsed:

@@ -239,7 +239,7 @@ def _bitmask(matcher, words: int):
 def generate_constrained(model, tokenizer, prompts: list[list[int]], grammars: list[str | None] | None = None,
                          max_new_tokens: int = 128, batch_size: int = 16, temperature: float = 0.0,
                          top_p: float = 1.0, stop: list[str] | None = None, streamer=None,
-                         progress: bool = False, workers: int | None = None) -> list[Generation]:
+                         progress: bool = False, workers: int | None = None, cancel=None) -> list[Generation]:
     """Complete each prompt with `calltune.infer.generate.generate`, each under its grammar (None: free).
 
     Args:
@@ -248,6 +248,7 @@ def generate_constrained(model, tokenizer, prompts: list[list[int]], grammars: l
         stop: strings that end a completion (cut from the returned text, finish_reason ``stop``).
         streamer: a transformers streamer (e.g. `TextIteratorStreamer`); only with a single prompt.
         workers: decoders in parallel threads (`generate`'s argument; each row's matcher is used by one).
+        cancel: `generate`'s argument: polled every step, True stops generation.
 
     Returns:
         One `Generation` per prompt, in order.
@@ -262,4 +263,4 @@ def generate_constrained(model, tokenizer, prompts: list[list[int]], grammars: l
     hook = GrammarConstraint(matchers, tokenizer.eos_token_id) if matchers else None
     return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     temperature=temperature, top_p=top_p, stop=stop, logits_hook=hook, streamer=streamer,
-                    progress=progress, workers=workers)
+                    progress=progress, workers=workers, cancel=cancel)

@@ -23,7 +23,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -32,6 +32,10 @@ from calltune.infer.registry import ModelRegistry, ServedModel
 from calltune.schema import Example, Message, ToolCall
 
 log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """Generation stopped early because its request was cancelled (its client left, or the server stops)."""
 
 
 class RequestError(ValueError):
@@ -50,7 +54,8 @@ class Params:
     tool_choice: str = "auto"  # none, auto, required, function
     function: str | None = None  # the function a named tool_choice forces
     parallel_tool_calls: bool = True
-    max_tokens: int = 512
+    max_tokens: int | None = None  # as requested; None: default_max_tokens, or what the context has room for
+    default_max_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
@@ -76,6 +81,7 @@ class Plan:
     prompt: list[int]
     grammar: str | None
     parse_calls: bool
+    max_tokens: int  # completion tokens allowed: as requested, and within the model's context
 
 
 def new_call_id() -> str:
@@ -83,10 +89,28 @@ def new_call_id() -> str:
 
 
 def plan(served: ServedModel, example: Example, params: Params) -> Plan:
-    """The prompt ids, the grammar (or None) and whether to parse calls, for `params.tool_choice`."""
+    """The prompt ids, the grammar (or None), whether to parse calls (for `params.tool_choice`), and
+    the completion budget.
+
+    Raises:
+        RequestError: ``context_length_exceeded`` (as OpenAI's) when the prompt, or the prompt and an
+            explicit `params.max_tokens`, don't fit the model's context (the message gives both
+            numbers); a JSON Schema that can't be enforced.
+    """
     offer = bool(example.tools) and params.tool_choice != "none"
     shown = example if offer else example.model_copy(update={"tools": []})
     prompt = served.fmt.prompt(shown, served.tokenizer)
+    context = served.context_length
+    if params.max_tokens is not None and len(prompt) + params.max_tokens > context:
+        raise RequestError(f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the messages, "
+                           f"{params.max_tokens} in the completion). Please reduce the length of the messages "
+                           "or completion.", param="messages", code="context_length_exceeded")
+    if len(prompt) >= context:
+        raise RequestError(f"This model's maximum context length is {context} tokens. However, your messages "
+                           f"resulted in {len(prompt)} tokens. Please reduce the length of the messages.",
+                           param="messages", code="context_length_exceeded")
+    max_tokens = params.max_tokens or min(params.default_max_tokens, context - len(prompt))
     grammar = None
     if offer and params.constrained and cd.supports(served.fmt):
         tools = example.tools
@@ -106,37 +130,66 @@ def plan(served: ServedModel, example: Example, params: Params) -> Plan:
                                param="response_format") from None
     elif example.tools and params.tool_choice == "none" and params.constrained and cd.supports(served.fmt):
         grammar = cd.no_call_grammar(served.fmt)  # a model tuned to call may try anyway: it can't
-    return Plan(prompt=prompt, grammar=grammar, parse_calls=offer)
+    return Plan(prompt=prompt, grammar=grammar, parse_calls=offer, max_tokens=max_tokens)
 
 
 def finish(served: ServedModel, plan_: Plan, text: str, finish_reason: str, prompt_tokens: int,
            completion_tokens: int) -> Completion:
-    """Parse a completion into an assistant message (calls get ids) and its finish reason."""
+    """Parse a completion into an assistant message (calls get ids) and its finish reason.
+
+    A completion cut at the token limit keeps finish_reason ``length`` (even after complete calls), and
+    the call it was writing is dropped, not returned as content: only calls that parsed whole are kept.
+    """
     calls: list[ToolCall] = []
     content: str | None = text.strip() or None
     if plan_.parse_calls:
+        if finish_reason == "length":
+            text = _without_cut_call(text)
         parsed = served.fmt.parse(text)
-        if parsed.error:
+        if parsed.error and finish_reason == "length":  # a cut call in a format without call markers
+            content = None
+        elif parsed.error:
             log.info("%s: unparseable call (%s); returned as text", served.name, parsed.error)
         else:
             calls = [ToolCall.of(c.name, c.arguments, id=new_call_id()) for c in parsed.tool_calls]
             content = (parsed.content or "").strip() or None
     message = Message(role="assistant", content=content if (content or calls) else "", tool_calls=calls or None)
-    return Completion(message=message, finish_reason="tool_calls" if calls else finish_reason,
-                      prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, text=text,
-                      constrained=plan_.grammar is not None)
+    reason = "tool_calls" if calls and finish_reason != "length" else finish_reason
+    return Completion(message=message, finish_reason=reason, prompt_tokens=prompt_tokens,
+                      completion_tokens=completion_tokens, text=text, constrained=plan_.grammar is not None)
+
+
+def _without_cut_call(text: str) -> str:
+    """`text` without a last ``<tool_call>`` block that has no ``</tool_call>``, or a trailing piece
+    of ``<tool_call>`` itself: what generation stopped in the middle of."""
+    opener, closer = ContentSplitter.OPEN, "</tool_call>"
+    last = text.rfind(opener)
+    if last >= 0 and text.find(closer, last) < 0:
+        return text[:last]
+    for k in range(len(opener) - 1, 0, -1):
+        if text.endswith(opener[:k]):
+            return text[:-k]
+    return text
 
 
 def complete(registry: ModelRegistry, served: ServedModel, example: Example, params: Params,
-             streamer=None) -> Completion:
-    """Generate one assistant turn for `example` (its messages end on a user or tool turn)."""
+             streamer=None, cancel: Callable[[], bool] | None = None) -> Completion:
+    """Generate one assistant turn for `example` (its messages end on a user or tool turn).
+
+    `cancel`: polled before generation and at every decode step; once it returns True generation
+    stops (the client left or the server is stopping) and `Cancelled` is raised.
+    """
     plan_ = plan(served, example, params)
     with registry.use(served):
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled before generation")
         if params.seed is not None:
             torch.manual_seed(params.seed)
         gen = cd.generate_constrained(served.model, served.tokenizer, [plan_.prompt], [plan_.grammar],
-                                      max_new_tokens=params.max_tokens, temperature=params.temperature,
-                                      top_p=params.top_p, stop=params.stop, streamer=streamer)[0]
+                                      max_new_tokens=plan_.max_tokens, temperature=params.temperature,
+                                      top_p=params.top_p, stop=params.stop, streamer=streamer, cancel=cancel)[0]
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled during generation")
     return finish(served, plan_, gen.text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
 
 
@@ -184,7 +237,7 @@ class ContentSplitter:
 
 
 def stream_complete(registry: ModelRegistry, served: ServedModel, example: Example,
-                    params: Params) -> Iterator[tuple[str, Any]]:
+                    params: Params, cancel: Callable[[], bool] | None = None) -> Iterator[tuple[str, Any]]:
     """Yield ``("start", None)`` once the request is accepted, ``("content", delta)`` while the model
     writes, then ``("done", Completion)``.
 
@@ -200,7 +253,7 @@ def stream_complete(registry: ModelRegistry, served: ServedModel, example: Examp
 
     def work():
         try:
-            box["completion"] = complete(registry, served, example, params, streamer=streamer)
+            box["completion"] = complete(registry, served, example, params, streamer=streamer, cancel=cancel)
         except BaseException as err:  # re-raised in the consumer
             box["error"] = err
             streamer.end()

@@ -263,7 +263,7 @@ class SlotLayer(CacheLayerMixin):
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 128, batch_size: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
              logits_hook: LogitsHook | None = None, streamer=None, progress: bool = False,
-             workers: int | None = None) -> list[Generation]:
+             workers: int | None = None, cancel: Callable[[], bool] | None = None) -> list[Generation]:
     """Complete each prompt (token ids); greedy when `temperature == 0`. Results come back in input order.
 
     The decode loop is calltune's own (not `model.generate`), with continuous batching: up to
@@ -311,6 +311,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
             called from the workers' threads, possibly at the same time, for disjoint rows. Default:
             `default_workers` (one per intra-op thread, as long as each gets `WORKER_ROWS` prompts and
             slots); with a streamer, always one.
+        cancel: polled before every decode step; once it returns True every row stops where it is
+            (finish_reason ``length``) and the streamer ends. The server sets it when a client leaves.
 
     Returns:
         One `Generation` per prompt; ``completion_tokens`` counts the end-of-turn token when written.
@@ -340,10 +342,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
     try:
         if streamer is not None or workers == 1:
             decoder = _Decoder(model, tokenizer, prompts, max_new_tokens, min(batch_size, len(prompts)), temperature,
-                               top_p, stop or [], logits_hook, streamer, bar)
+                               top_p, stop or [], logits_hook, streamer, bar, cancel=cancel)
             return decoder.run()
         return _run_workers(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, stop or [],
-                            logits_hook, bar, workers, threads)
+                            logits_hook, bar, workers, threads, cancel)
     finally:
         if bar is not None:
             bar.close()
@@ -360,7 +362,7 @@ def default_workers(prompts: int, batch_size: int, threads: int) -> int:
 
 
 def _run_workers(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, stop, hook, bar,
-                 workers, threads) -> list[Generation]:
+                 workers, threads, cancel=None) -> list[Generation]:
     """`generate` with `workers` decoders in as many threads, each on every workers-th prompt by length
     (so their shares are alike) with ``batch_size // workers`` slots and ``threads // workers`` of
     PyTorch's intra-op threads (restored afterwards; the setting is process-wide). The logits hook
@@ -385,7 +387,7 @@ def _run_workers(model, tokenizer, prompts, max_new_tokens, batch_size, temperat
             decoder = _Decoder(model, tokenizer, [prompts[i] for i in share], max_new_tokens,
                                min(batch_size // workers, len(share)), temperature, top_p, stop, share_hook,
                                None, shared_bar, None if seed is None else torch.Generator().manual_seed(seed),
-                               abort=failed)
+                               abort=failed, cancel=cancel)
             try:
                 return decoder.run()  # cut short (and discarded: a worker raised) once `failed` is set
             except BaseException:
@@ -465,7 +467,7 @@ class _Decoder:
     """State of one `generate` call: the slot cache, the live rows (slot order) and the prompts to come."""
 
     def __init__(self, model, tokenizer, prompts, max_new_tokens, capacity, temperature, top_p, stop, hook,
-                 streamer, bar, generator=None, abort=None):
+                 streamer, bar, generator=None, abort=None, cancel=None):
         self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
         self.max_new_tokens, self.capacity = max_new_tokens, capacity
         self.temperature, self.top_p, self.stop, self.hook, self.streamer = temperature, top_p, stop, hook, streamer
@@ -487,7 +489,7 @@ class _Decoder:
         self.scores: torch.Tensor | None = None  # (live rows, vocab) scores for each row's next token
         self.new: list[list[int]] = [[] for _ in prompts]
         self.finish = ["length"] * len(prompts)
-        self.bar, self.generator, self.abort = bar, generator, abort
+        self.bar, self.generator, self.abort, self.cancel = bar, generator, abort, cancel
 
     def _prefix_cache(self, prompts: list[list[int]]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]:
         """Keys and values (per layer, each (1, kv_heads, P, head_dim)) of the P tokens every prompt starts
@@ -536,7 +538,8 @@ class _Decoder:
         if self.streamer is not None:
             self.streamer.put(torch.tensor([self.prompts[0]]))
         refill_at = max(1, self.capacity // 4)  # a quarter: faster than an eighth or a half (ViGGO, 192 rows)
-        while (self.pending or self.rows) and not (self.abort is not None and self.abort.is_set()):
+        while (self.pending or self.rows) and not (self.abort is not None and self.abort.is_set()) \
+                and not (self.cancel is not None and self.cancel()):
             free = self.capacity - len(self.rows)
             if self.pending and (not self.rows or free >= min(refill_at, len(self.pending))):
                 self._join(min(free, len(self.pending)))

@@ -47,6 +47,12 @@ class ServedModel:
     adapter: str | None = None
     base_of_adapters: bool = False
 
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt and completion) the model takes: its config's ``max_position_embeddings``."""
+        config = getattr(self.model, "config", None)
+        return int(getattr(config, "max_position_embeddings", None) or 2048)
+
 
 def _adapter_base(path: str) -> str:
     return resolve_model(json.loads(Path(path, "adapter_config.json").read_text())["base_model_name_or_path"])

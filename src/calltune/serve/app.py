@@ -1,12 +1,16 @@
 """The HTTP server: OpenAI-compatible ``POST /v1/chat/completions`` and ``GET /v1/models`` (FastAPI).
 
 Owns `create_app` (the app for a set of models) and `run` (uvicorn). Requests are validated by
-`calltune.serve.protocol`, rendered and parsed by each model's saved prompt format through
-`calltune.infer.engine`, and generated one at a time under the registry's lock.
+`calltune.serve.protocol` (types, then `check_request`'s bounds and rules), rendered and parsed by
+each model's saved prompt format through `calltune.infer.engine`, and generated one at a time under
+the registry's lock. A generation stops at the next decode step when its client disconnects or the
+server is asked to stop (SIGTERM, Ctrl-C).
 
 Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a
-request that does not validate (including malformed JSON), 401 without the API key, 404 for an
-unknown model or route, 500 (message only, the traceback goes to the server log) for a bug.
+request that does not validate (including malformed JSON and a prompt longer than the context), 401
+without the API key (every route but ``/health``, which says only "ok"), 404 for an unknown model or
+route, 413 for a body over `Limits.max_body_bytes`, 500 (message only, the traceback goes to the
+server log) for a bug.
 
 Streaming (``stream: true``) sends server-sent events: a first chunk with the role, content deltas as
 the model writes them, then each tool call (index, id, name, then its arguments) once the turn is
@@ -19,20 +23,23 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
 import time
 from typing import Any, Iterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from calltune.infer import constrained as cd
 from calltune.infer import engine
 from calltune.infer.registry import ModelRegistry
-from calltune.serve.protocol import (ChatCompletion, ChatCompletionRequest, Choice, ModelCard, ModelList,
-                                     RequestError, ResponseMessage, Usage, call_to_wire, error_body, new_id,
-                                     to_example)
+from calltune.serve.protocol import (ChatCompletion, ChatCompletionRequest, Choice, Limits, ModelCard, ModelList,
+                                     RequestError, ResponseMessage, Usage, call_to_wire, check_request, error_body,
+                                     new_id, to_example)
 
 log = logging.getLogger(__name__)
 
@@ -52,34 +59,96 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg) + more, param
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before anything reads it whole
+    (checked on ``Content-Length`` and, for a chunked body, while it arrives)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps(error_body(f"The request body is larger than this server's limit of {self.max_bytes} "
+                                     "bytes.", code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class ApiKey:
+    """ASGI middleware: every request but ``/health`` needs ``Authorization: Bearer <key>`` (401 otherwise).
+
+    A plain ASGI middleware rather than an ``@app.middleware("http")`` one, which would wrap the
+    connection so that a handler can't see its client disconnect."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(error_body("Incorrect or missing API key: send `Authorization: Bearer <key>` "
+                                                   "with the key the server was started with.",
+                                                   code="invalid_api_key"), status_code=401)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = None, constrained: bool = True,
-               default_max_tokens: int = 512) -> FastAPI:
+               default_max_tokens: int = 512, limits: Limits | None = None) -> FastAPI:
     """The server app for `models` (``{name: model}`` or a loaded `ModelRegistry`).
 
     Args:
-        api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
+        api_key: when set, every request but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
         constrained: constrain tool calls to the offered tools and their schemas (llguidance); a
             request may override it with ``"constrained": false``.
-        default_max_tokens: completion length when a request gives no ``max_tokens``.
+        default_max_tokens: completion length when a request gives no ``max_tokens`` (less if the
+            model's context has less room).
+        limits: bounds on each request (`Limits`' defaults if None).
+
+    ``app.state.stopping`` (a `threading.Event`): set it to stop every running generation at its
+    next step and refuse new ones (`run` sets it on SIGTERM and Ctrl-C).
     """
     registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models)
     if constrained and not cd.available():
         log.warning("llguidance is not installed: serving without constrained decoding "
                     "(pip install 'calltune[serve]')")
         constrained = False
+    limits = limits or Limits()
     app = FastAPI(title="calltune", version="1")
     app.state.registry = registry
     app.state.constrained = constrained
+    app.state.stopping = threading.Event()
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("Incorrect or missing API key: send `Authorization: Bearer <key>` "
-                                               "with the key the server was started with.",
-                                               code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, err: RequestValidationError):
@@ -90,6 +159,11 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
     async def on_request_error(request: Request, err: RequestError):
         return JSONResponse(error_body(err.message, type=err.type, param=err.param, code=err.code),
                             status_code=err.status)
+
+    @app.exception_handler(engine.Cancelled)
+    async def on_cancelled(request: Request, err: engine.Cancelled):
+        return JSONResponse(error_body("The generation was cancelled: the server is shutting down or the client "
+                                       "disconnected.", type="server_error", code="cancelled"), status_code=503)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, err: StarletteHTTPException):
@@ -104,7 +178,7 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "models": registry.names()}
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     def list_models() -> ModelList:
@@ -123,18 +197,29 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
         return served
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         served = _served(body.model)
-        example = to_example(body)
-        params = _params(body, default_max_tokens, app.state.constrained)
+        if app.state.stopping.is_set():
+            raise RequestError("The server is shutting down.", status=503, type="server_error", code="shutting_down")
+        left = threading.Event()  # the client disconnected
+
+        def cancelled() -> bool:
+            return left.is_set() or app.state.stopping.is_set()
+
+        def accept():
+            check_request(body, limits)
+            return to_example(body), _params(body, default_max_tokens, app.state.constrained)
+
+        example, params = await anyio.to_thread.run_sync(accept)
         cid, created = new_id("chatcmpl-"), int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = engine.stream_complete(registry, served, example, params)
-            next(events)  # ("start", None); request errors surface here, before the 200 is sent
-            return StreamingResponse(_sse(cid, created, body.model, events, include_usage),
+            events = engine.stream_complete(registry, served, example, params, cancel=cancelled)
+            await anyio.to_thread.run_sync(next, events)  # ("start", None); request errors surface before the 200
+            return StreamingResponse(_until_disconnect(_sse(cid, created, body.model, events, include_usage), left),
                                      media_type="text/event-stream")
-        done = engine.complete(registry, served, example, params)
+        done = await _watching(request, left, lambda: engine.complete(registry, served, example, params,
+                                                                       cancel=cancelled))
         message = done.message
         return ChatCompletion(
             id=cid, created=created, model=body.model,
@@ -145,6 +230,37 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
                         total_tokens=done.prompt_tokens + done.completion_tokens))
 
     return app
+
+
+async def _watching(request: Request, left: threading.Event, work):
+    """Run `work` in a worker thread; meanwhile poll the connection and set `left` if the client goes."""
+    result: dict[str, Any] = {}
+
+    async def run(scope: anyio.CancelScope):
+        try:
+            result["value"] = await anyio.to_thread.run_sync(work)
+        except BaseException as err:  # re-raised below, outside the task group
+            result["error"] = err
+        scope.cancel()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run, tasks.cancel_scope)
+        while True:
+            await anyio.sleep(0.1)
+            if await request.is_disconnected():
+                left.set()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+async def _until_disconnect(chunks: Iterator[str], left: threading.Event):
+    """Stream `chunks` (made in a worker thread); when the client goes, set `left` so generation stops."""
+    try:
+        async for chunk in iterate_in_threadpool(chunks):
+            yield chunk
+    finally:
+        left.set()
 
 
 def _params(body: ChatCompletionRequest, default_max_tokens: int, constrained: bool) -> engine.Params:
@@ -159,7 +275,7 @@ def _params(body: ChatCompletionRequest, default_max_tokens: int, constrained: b
         tool_choice=body.choice,
         function=body.tool_choice.function.name if body.choice == "function" else None,
         parallel_tool_calls=body.parallel_tool_calls is not False,
-        max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
+        max_tokens=body.max_completion_tokens or body.max_tokens, default_max_tokens=default_max_tokens,
         temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, stop=body.stop_list, seed=body.seed,
         constrained=constrained if body.constrained is None else body.constrained and cd.available(),
         json_schema=schema)
@@ -195,9 +311,17 @@ def _sse(cid: str, created: int, model: str, events: Iterator, include_usage: bo
 
 
 def run(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        constrained: bool = True, default_max_tokens: int = 512) -> None:
-    """Load `models` and serve them with uvicorn until interrupted."""
+        constrained: bool = True, default_max_tokens: int = 512, limits: Limits | None = None) -> None:
+    """Load `models` and serve them with uvicorn until SIGTERM or Ctrl-C, which stop running
+    generations at their next step, so the server exits within seconds."""
     import uvicorn
 
-    app = create_app(models, api_key=api_key, constrained=constrained, default_max_tokens=default_max_tokens)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(models, api_key=api_key, constrained=constrained, default_max_tokens=default_max_tokens,
+                     limits=limits)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.stopping.set()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)).run()

@@ -3,7 +3,9 @@
 Owns the request types (`ChatCompletionRequest` and its parts, validated on the way in; unknown
 fields are ignored, as OpenAI clients send many), the response and stream-chunk types, the error body
 ``{"error": {"message", "type", "param", "code"}}`` (`error_body`) and `to_example`, which turns a
-request into the canonical `Example` the prompt formats render. Follows
+request into the canonical `Example` the prompt formats render, and `Limits` with `check_request`:
+the bounds and the rules pydantic can't express (sizes, nesting, valid Unicode, tool schemas that are
+JSON Schema, tool messages that answer earlier calls). Follows
 https://platform.openai.com/docs/api-reference/chat.
 """
 
@@ -13,6 +15,8 @@ import time
 import uuid
 from typing import Any, Literal
 
+from jsonschema.exceptions import SchemaError as JsonSchemaError
+from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calltune.infer.engine import RequestError
@@ -25,7 +29,8 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a boolean is true or false, not "yes" or 1; a number is not a string
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # -- requests --------------------------------------------------------------------------------------
@@ -155,6 +160,142 @@ class ChatCompletionRequest(_In):
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class Limits(BaseModel):
+    """Bounds on one request, so that no client can exhaust the server (all configurable).
+
+    `max_body_bytes` is enforced on the raw body before it is parsed (413); the others by
+    `check_request` (400). The prompt's length against the model's context is checked once it is
+    rendered (`calltune.infer.engine.plan`).
+    """
+
+    max_body_bytes: int = Field(4 * 2 ** 20, ge=1, description="request body size in bytes")
+    max_messages: int = Field(1024, ge=1, description="messages per request")
+    max_tools: int = Field(128, ge=1, description="tools per request (OpenAI's limit)")
+    max_depth: int = Field(32, ge=1, description="nesting of a tool's JSON Schema or a call's arguments")
+    max_stop: int = Field(4, ge=0, description="stop strings per request (OpenAI's limit)")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of JSON `value` (a scalar is 0), counted up to ``limit + 1`` without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            break
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+    return deepest
+
+
+def _bad_unicode(value: Any, where: str) -> str | None:
+    """The path of the first string in `value` (keys too) that is not valid Unicode (a lone UTF-16
+    surrogate, which JSON's ``\\ud800`` escapes can carry), or None."""
+    stack = [(value, where)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                stack.append((k, path))
+                stack.append((v, f"{path}.{k}" if isinstance(k, str) and k.isascii() else path))
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+        elif isinstance(node, BaseModel):
+            stack.extend((getattr(node, f), f"{path}.{f}" if path else f) for f in type(node).model_fields)
+    return None
+
+
+def _external_ref(schema: Any) -> str | None:
+    """The first ``$ref`` in `schema` that points outside it (not ``#...``), or None."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                return ref
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+def check_request(request: ChatCompletionRequest, limits: Limits) -> None:
+    """What a request must also satisfy beyond its field types.
+
+    Raises:
+        RequestError (400, `param` naming the field): more messages, tools or stop strings than
+            `limits` allow; a string that is not valid Unicode; a tool's ``parameters`` nested deeper
+            than ``limits.max_depth``, not a valid JSON Schema (checked against its declared draft,
+            2020-12 by default) or with a ``$ref`` outside itself (nothing is fetched); an assistant
+            call to a function that is not among the tools; a call id used twice; a ``tool`` message
+            that answers no earlier call of the conversation.
+    """
+    if len(request.messages) > limits.max_messages:
+        raise RequestError(f"messages: {len(request.messages)} messages; this server takes at most "
+                           f"{limits.max_messages} per request", param="messages")
+    tools = request.tools or []
+    if len(tools) > limits.max_tools:
+        raise RequestError(f"tools: {len(tools)} tools; this server takes at most {limits.max_tools} per request",
+                           param="tools")
+    if len(request.stop_list) > limits.max_stop:
+        raise RequestError(f"stop: {len(request.stop_list)} stop strings; at most {limits.max_stop}", param="stop")
+    bad = _bad_unicode(request, "")
+    if bad is not None:
+        raise RequestError(f"{bad}: the text is not valid Unicode (a lone UTF-16 surrogate)", param=bad)
+    for i, tool in enumerate(tools):
+        _check_parameters(tool.function.parameters, f"tools[{i}].function.parameters", limits)
+    names = {t.function.name for t in tools}
+    open_calls: dict[str, str] = {}  # call id -> function, of calls not answered yet
+    seen: set[str] = set()
+    for i, m in enumerate(request.messages):
+        for j, call in enumerate(m.tool_calls or []):
+            where = f"messages[{i}].tool_calls[{j}]"
+            if call.function.name not in names:
+                offered = ", ".join(sorted(names)) or "no tools"
+                raise RequestError(f"{where}.function.name: the assistant calls {call.function.name!r}, which is not "
+                                   f"among the request's tools ({offered}); send the tools the conversation used",
+                                   param=f"{where}.function.name")
+            if isinstance(call.function.arguments, dict) and _depth(call.function.arguments, limits.max_depth) > limits.max_depth:
+                raise RequestError(f"{where}.function.arguments: nested deeper than {limits.max_depth} levels",
+                                   param=f"{where}.function.arguments")
+            if call.id in seen:
+                raise RequestError(f"{where}.id: the call id {call.id!r} is used twice", param=f"{where}.id")
+            seen.add(call.id)
+            open_calls[call.id] = call.function.name
+        if m.role == "tool":
+            if m.tool_call_id not in open_calls:
+                waiting = ", ".join(repr(k) for k in open_calls) or "none"
+                raise RequestError(f"messages[{i}].tool_call_id: {m.tool_call_id!r} answers no earlier tool call "
+                                   f"of the conversation (calls waiting for a result: {waiting})",
+                                   param=f"messages[{i}].tool_call_id")
+            del open_calls[m.tool_call_id]
+
+
+def _check_parameters(schema: dict[str, Any] | None, where: str, limits: Limits) -> None:
+    if schema is None:
+        return
+    if _depth(schema, limits.max_depth) > limits.max_depth:
+        raise RequestError(f"{where}: the JSON Schema is nested deeper than {limits.max_depth} levels", param=where)
+    ref = _external_ref(schema)
+    if ref is not None:
+        raise RequestError(f"{where}: $ref {ref!r} points outside the schema; only references inside it "
+                           "(\"#/...\") are resolved, nothing is fetched", param=where)
+    try:
+        validator_for(schema).check_schema(schema)
+    except JsonSchemaError as err:
+        at = "/".join(str(p) for p in err.path)
+        raise RequestError(f"{where}: not a valid JSON Schema{f' at {at}' if at else ''}: "
+                           f"{err.message.splitlines()[0][:200]}", param=where) from None
 
 
 def to_example(request: ChatCompletionRequest) -> Example:

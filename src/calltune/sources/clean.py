@@ -59,6 +59,7 @@ Categories (counted before and after, in ``report["categories_before"/"categorie
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -77,7 +78,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from referencing.exceptions import Unresolvable
 
 from calltune.schema import Example, SchemaError, Tool, ToolCall
-from calltune.sources.base import Rejects, SourceError
+from calltune.sources.base import Rejects, SourceError, read_text
 
 STAGE = "clean"
 CATEGORIES = ("no_call", "single_call", "parallel_call", "sequential_call", "multi_turn")
@@ -533,23 +534,20 @@ def read_jsonl(path: str | Path) -> list[Example]:
     """Read a file written by `write_jsonl` back into `Example`s (blank lines are skipped).
 
     Raises:
-        SourceError: the file is missing, or a line is not JSON or not a canonical example (the
-            message names the line).
+        SourceError: the file is missing, a directory, empty, unreadable or not UTF-8 (a leading BOM
+            is accepted), or a line is not JSON or not a canonical example (the message names the line).
     """
     path = Path(path)
-    if not path.exists():
-        raise SourceError(str(path), None, None, "file not found")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                out.append(Example.from_json(line))
-            except json.JSONDecodeError as err:
-                raise SourceError(str(path), i, None, f"line {i + 1} is not JSON ({err.msg})") from None
-            except SchemaError as err:
-                raise SourceError(str(path), i, None, f"line {i + 1} is not a canonical example: {err}") from None
+    for i, line in enumerate(io.StringIO(read_text(path), newline=None)):  # universal newlines, as open()
+        if not line.strip():
+            continue
+        try:
+            out.append(Example.from_json(line))
+        except json.JSONDecodeError as err:
+            raise SourceError(str(path), i, None, f"line {i + 1} is not JSON ({err.msg})") from None
+        except SchemaError as err:
+            raise SourceError(str(path), i, None, f"line {i + 1} is not a canonical example: {err}") from None
     return out
 
 

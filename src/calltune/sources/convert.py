@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from calltune.schema import Example, Function, FunctionSpec, SchemaError, Tool, ToolCall
-from calltune.sources.base import Rejects, SourceError, read_table
+from calltune.sources.base import Rejects, SourceError, read_table, read_text
 
 
 class RowError(ValueError):
@@ -53,17 +53,16 @@ def read_rows(path_or_id: str | Path, split: str = "train") -> tuple[str, list[A
         ``(where, rows)`` as `read_table` does.
 
     Raises:
-        SourceError: missing or empty file, not JSON at all, or a top-level value that is not an array.
+        SourceError: missing, empty, unreadable or non-UTF-8 file, a directory, not JSON at all, or
+            a top-level value that is not an array. A UTF-8 byte-order mark is accepted.
     """
     path = Path(path_or_id)
     if path.suffix.lower() not in (".json", ".jsonl"):
         return read_table(path_or_id, split=split)
     where = str(path_or_id)
-    if not path.exists():
-        raise SourceError(where, None, None, "file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, where)  # a leading UTF-8 BOM is dropped
     if not text.strip():
-        raise SourceError(where, None, None, "file is empty")
+        raise SourceError(where, None, None, "file is empty; give a file with rows")
     whole: Any = None
     if path.suffix.lower() == ".json":
         try:
@@ -107,7 +106,8 @@ def require_columns(where: str, rows: list[Any], required: Iterable[str]) -> Non
         seen.update(row)
     missing = [c for c in required if c not in seen]
     if missing:
-        raise SourceError(where, None, missing[0], f"missing column(s) {missing}; found {sorted(seen)}")
+        raise SourceError(where, None, missing[0], f"missing column(s) {missing}; found {sorted(seen)}; "
+                                                   "check that the file is in this source's layout")
 
 
 def convert_rows(where: str, rows: list[Any], row_to_example: Callable[[Any, str, int], Example],

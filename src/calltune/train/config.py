@@ -40,7 +40,10 @@ class TrainConfig(BaseModel):
     mixed_precision: Literal["bf16", "fp16", "no"] = Field(
         "bf16", description="autocast dtype; bf16 runs on CPUs with AVX-512 BF16 / AMX and on GPUs")
     packing: bool = Field(True, description="padding-free packing: a batch's examples are packed into rows of "
-                                            "max_length tokens, kept apart by position_ids restarting at 0")
+                                            "pack_length tokens, kept apart by position_ids restarting at 0")
+    pack_length: int | None = Field(None, ge=16, description="packed row length in tokens (default max_length; a "
+                                                             "longer example gets a row of its own); shorter rows "
+                                                             "have smaller attention score matrices")
     group_by_length: bool = Field(False, description="batch examples of similar length: less padding when packing "
                                                      "is off, but less varied batches (worse on ViGGO)")
     train_on: Literal["all", "last"] = Field("all", description="train every assistant turn, or only the last")

@@ -309,7 +309,7 @@ def train(model_name: str, examples: list[Example], fmt: PromptFormat, cfg: Trai
         raise ValueError(f"no training example survived rendering with format {fmt.name!r}; see the rejects file")
     args = training_arguments(cfg, output_dir / "checkpoints")
     trainer = CalltuneTrainer(model=model, args=args, train_dataset=_ListDataset(rows),
-                              data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing, pack_length=cfg.max_length),
+                              data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing, pack_length=cfg.pack_length or cfg.max_length),
                               callbacks=[ReleaseFreedMemory(), *(callbacks or [])])
     start = time.perf_counter()
     out = trainer.train()

@@ -12,7 +12,7 @@ the only difference is ``EvalConfig.constrained`` (`calltune.infer.constrained`:
 token that would name a tool not offered or break the tool's JSON Schema). The settings alternate
 ``--repeats`` times; accuracy is the same each time (greedy), seconds are the median.
 
-Reported per setting: valid-JSON rate and schema-valid rate (over all examples: a no-call answer to
+Reported per setting: parseable rate and schema-valid rate (over all examples: a no-call answer to
 an irrelevance question counts as valid), schema-valid rate over the answers that call, function-name
 and exact-call accuracy (`calltune.evaluate.toolcall_metrics`), BFCL's official AST-checker accuracy per
 category (`calltune.evaluate.bfcl_checker`), generation seconds and generated tokens/s.
@@ -28,7 +28,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-ROWS = [("valid_json_rate", "valid JSON rate"), ("schema_valid_rate", "schema-valid rate"),
+ROWS = [("parseable_rate", "parseable rate"), ("schema_valid_rate", "schema-valid rate"),
         ("schema_valid_call_rate", "schema-valid rate of calling answers"),
         ("function_name_accuracy", "function name accuracy"), ("exact_call_accuracy", "exact-call accuracy")]
 

@@ -70,11 +70,11 @@ def test_calltune_run_without_a_recipe_runs_the_bfcl_job(tmp_path, smollm2_path)
                                        "answer_after_results"}
     for side in ("eval_base", "eval_tuned"):
         bfcl = summary[side]["bfcl"]
-        assert bfcl["total"] == {c: 1 for c in NON_LIVE_EVAL}
-        assert all(0.0 <= a <= 1.0 for a in bfcl["accuracy"].values()) and bfcl["bfcl_version"]
+        assert summary[side]["task"] == "bfcl" and bfcl["total"] == {c: 1 for c in NON_LIVE_EVAL} and bfcl["bfcl_version"]
     report = (tmp_path / "report.md").read_text()
     assert "BFCL, official AST checker (bfcl-eval " in report
-    assert all(f"| {c} | 1 |" in report for c in NON_LIVE_EVAL)
+    base, tuned = summary["eval_base"]["bfcl"]["accuracy"], summary["eval_tuned"]["bfcl"]["accuracy"]
+    assert all(f"| {c} | 1 | {base[c]:.3f} | {tuned[c]:.3f} |" in report for c in NON_LIVE_EVAL)
     assert "BFCL, official AST checker" in result.output  # the table is printed too
     assert "| non-live AST summary | 6 |" in report and "| simple (mean of Python, Java, JavaScript) | 3 |" in report
     assert f"{augmented['new']} new examples" in report
@@ -109,13 +109,14 @@ def test_constrained_evaluation_makes_calls_fit_the_offered_schema(tmp_path, smo
     assert isinstance(scores[True][1]["days"], int)
 
 
-def test_constrained_evaluation_needs_a_format_with_a_call_grammar(tmp_path, smollm2_path, viggo_valid):
+def test_constrained_evaluation_needs_a_format_with_a_call_grammar(tmp_path, tokenizer, viggo_valid):
     from calltune.evaluate.runner import EvalConfig, evaluate_model
     from calltune.formats import get_format
     from calltune.infer.constrained import ConstrainedDecodingError
 
-    with pytest.raises(ConstrainedDecodingError, match="hermes"):
-        evaluate_model(smollm2_path, viggo_valid[:1], tmp_path, EvalConfig(constrained=True), fmt=get_format("viggo"))
+    with pytest.raises(ConstrainedDecodingError, match="hermes"):  # refused before generating: no model needed
+        evaluate_model("smollm2-135m-instruct", viggo_valid[:1], tmp_path, EvalConfig(constrained=True),
+                       fmt=get_format("viggo"), loaded=(None, tokenizer, None))
 
 
 def test_eval_benchmark_option_errors_name_the_problem(tmp_path):

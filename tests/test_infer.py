@@ -1,4 +1,5 @@
-"""calltune's decode loop (`calltune.infer.generate`) against plain `model.generate`, on the real SmolLM2."""
+"""calltune's decode loop (`calltune.infer.generate`) against plain `model.generate`, on the real SmolLM2
+(slow) or a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -227,14 +228,22 @@ def test_fast_decode_linears_keep_the_logits_of_plain_transformers(fp32_model, s
     torch.testing.assert_close(results[0][1], results[1][1], atol=2e-4, rtol=1e-4)
 
 
-def test_a_model_that_drops_the_shared_prefix_is_refused(fp32_model, viggo_valid, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer):
+    """A 1-layer random Llama with SmolLM2's tokenizer, loaded as `calltune eval` loads a model."""
+    from serving import tiny_models
+
+    return load_for_inference(tiny_models(tmp_path_factory.mktemp("tiny"), tokenizer)["tiny-base"], dtype=torch.float32)
+
+
+def test_a_model_that_drops_the_shared_prefix_is_refused(tiny_model, viggo_valid, monkeypatch):
     """If a model's forward did not hand `calltune_prefix` to its attention layers, rows would attend to
     nothing of the instruction and generate garbage silently; `generate` raises instead."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from calltune.infer.generate import GQA_ATTENTION, gqa_attention
 
-    model, tokenizer, _ = fp32_model
+    model, tokenizer, _ = tiny_model
     prompts = [get_format("viggo").prompt(viggo_valid[i], tokenizer) for i in (0, 1)]
     assert len(generate(model, tokenizer, prompts, max_new_tokens=2)) == 2
     dropping = lambda *args, calltune_prefix=None, **kwargs: gqa_attention(*args, **kwargs)  # noqa: E731

@@ -33,9 +33,12 @@ def test_full_fine_tune_pipeline_end_to_end(tmp_path, in_repo, smollm2_path):
         lines = (tmp_path / which / "predictions.jsonl").read_text().splitlines()
         assert len(lines) == 8 and json.loads(lines[0])["reference"][0]["name"]
         assert (tmp_path / which / "confusion.png").stat().st_size > 1000
-    assert summary["eval_tuned"]["overall_accuracy"] >= 0.0
+    base, tuned = summary["eval_base"], summary["eval_tuned"]
+    assert tuned["task"] == "viggo" and tuned == json.loads((tmp_path / "eval-tuned" / "metrics.json").read_text())
     report = (tmp_path / "report.md").read_text()
-    assert "| Overall Accuracy |" in report and "| Function Name Accuracy |" in report
+    for key, label in (("overall_accuracy", "Overall Accuracy"), ("function_name_accuracy", "Function Name Accuracy"),
+                       ("parseable_rate", "Parseable Rate")):  # the report shows the scores the runs wrote
+        assert f"| {label} | {base[key]:.3f} | {tuned[key]:.3f} |" in report
     assert (tmp_path / "loss.png").exists()
     assert json.loads((tmp_path / "model" / "calltune_format.json").read_text())["name"] == "viggo"
     assert list((tmp_path / "model" / "checkpoints").glob("runs/*/events.out.tfevents.*")), "no TensorBoard log"

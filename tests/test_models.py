@@ -13,6 +13,7 @@ def _gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.mark.slow
 def test_alias_dequantises_once_into_the_cache(tmp_path, monkeypatch, smollm2_path):
     monkeypatch.setenv("CALLTUNE_HOME", str(tmp_path))
     folder = Path(resolve_model(_gguf()))  # a .gguf path goes through the same dequantisation

@@ -14,8 +14,6 @@ from calltune.formats import get_format
 from calltune.models import load_model
 from calltune.train.trainer import Collator, selected_loss, tokenize_examples
 
-pytestmark = pytest.mark.slow
-
 ROWS = 6
 REL = 1e-3  # fp32; the padded and packed kernels sum in different orders
 
@@ -35,6 +33,7 @@ def loss_of(model, batch):
     return float(loss), n
 
 
+@pytest.mark.slow
 def test_packed_and_padded_batches_give_the_same_loss(model_and_rows):
     model, rows, pad = model_and_rows
     padded_loss, padded_n = loss_of(model, Collator(pad, packing=False)(rows))
@@ -51,6 +50,7 @@ def test_packed_and_padded_batches_give_the_same_loss(model_and_rows):
         assert packed_loss == pytest.approx(padded_loss, rel=REL)
 
 
+@pytest.mark.slow
 def test_packed_examples_do_not_attend_to_each_other(model_and_rows):
     model, rows, pad = model_and_rows
     alone = [loss_of(model, Collator(pad, packing=False)([r])) for r in rows]
@@ -60,6 +60,7 @@ def test_packed_examples_do_not_attend_to_each_other(model_and_rows):
     assert packed_loss == pytest.approx(sum(loss for loss, _ in alone), rel=REL)
 
 
+@pytest.mark.slow
 def test_packing_without_restarting_positions_changes_the_loss(model_and_rows):
     model, rows, pad = model_and_rows
     packed = Collator(pad, packing=True, pack_length=10_000)(rows)

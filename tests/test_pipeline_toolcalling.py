@@ -29,7 +29,7 @@ def test_recipe_runs_end_to_end(name, fmt, tmp_path, monkeypatch, smollm2_path):
     assert summary["train"]["steps"] == 2 and summary["train"]["final_loss"] > 0
     metrics = summary["eval_tuned"]
     assert metrics["task"] == "toolcall" and metrics["n"] == 2
-    assert set(metrics) >= {"function_name_accuracy", "exact_call_accuracy", "valid_json_rate", "schema_valid_rate",
+    assert set(metrics) >= {"function_name_accuracy", "exact_call_accuracy", "parseable_rate", "schema_valid_rate",
                             "no_call_precision", "no_call_recall"}
     saved = json.loads((tmp_path / "model" / "calltune_format.json").read_text())
     assert saved["name"] == fmt

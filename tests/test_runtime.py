@@ -1,4 +1,7 @@
-"""Process-wide runtime settings (`calltune.runtime`), each checked in a fresh interpreter."""
+"""Process-wide runtime settings (`calltune.runtime`), each checked in a fresh interpreter.
+
+What the glibc thresholds save in page faults is measured by benchmarks/glibc_page_faults.py.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +10,43 @@ import sys
 
 import pytest
 
-from calltune.runtime import _libc
+from calltune.runtime import KEEP_MMAP_THRESHOLD, _libc
 
-# Blocks of 1-22 MiB allocated, written and freed while a larger one stays alive, as a decode loop's
-# scores and caches do; prints the minor page faults this costs.
-FAULTS = """
-import resource, sys, torch
-from calltune.runtime import keep_freed_memory
-if sys.argv[1] == "keep":
+# Reads glibc's own accounting (mallinfo2) around one malloc/free of argv[1] bytes, after
+# keep_freed_memory when argv[2] is "keep": prints whether the block was mmapped, and whether
+# freeing it shrank the heap.
+SETTINGS = """
+import ctypes, sys
+from calltune.runtime import _libc, keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = _libc()
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[2] == "keep":
     assert keep_freed_memory()
-torch.ones(1)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for i in range(30):
-    big = torch.empty((20 + i % 3) << 20, dtype=torch.uint8).fill_(1)
-    for n in (1, 3, 6, 2):
-        torch.empty(n << 20, dtype=torch.uint8).fill_(1)
-    del big
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+before = libc.mallinfo2()
+block = libc.malloc(int(sys.argv[1]))
+held = libc.mallinfo2()
+libc.free(block)
+after = libc.mallinfo2()
+print(held.hblks - before.hblks, int(after.arena < held.arena))
 """
 
 
-def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
+def _malloc(size: int, mode: str = "keep") -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", SETTINGS, str(size), mode], capture_output=True, text=True, check=True)
+    mapped, shrank = map(int, out.stdout.split())
+    return mapped, shrank
 
 
-@pytest.mark.skipif(_libc() is None, reason="glibc's mallopt is not available")
-def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_in_new_ones():
-    default = min(_faults("default") for _ in range(2))
-    kept = min(_faults("keep") for _ in range(2))
-    # Here by default ~32k faults of 4 KiB pages; kept 13k or (in some processes) 19k: the heap serves
-    # the later rounds from memory it already holds.
-    assert kept < 0.75 * default, (kept, default)
+@pytest.mark.skipif(_libc() is None or not hasattr(_libc(), "mallinfo2"), reason="needs glibc 2.33+ (mallinfo2)")
+def test_keep_freed_memory_serves_blocks_up_to_32_mib_from_the_heap_and_keeps_them():
+    # By default glibc mmaps a 16 MiB block; with the mmap threshold alone it comes from the heap but
+    # freeing it shrinks the heap; with the trim threshold too, the heap keeps it.
+    assert _malloc(KEEP_MMAP_THRESHOLD // 2) == (0, 0)
+    assert _malloc(2 * KEEP_MMAP_THRESHOLD)[0] == 1  # above the threshold: still mmapped

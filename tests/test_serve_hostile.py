@@ -425,12 +425,11 @@ def test_sigterm_stops_the_server_during_a_generation(tmp_path, tokenizer):
         time.sleep(3)  # the generation is running
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        proc.wait(timeout=15)  # raises TimeoutExpired if SIGTERM did not stop the generation and the server
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode is not None
 
 
 def _quietly(fn, *args, **kwargs):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from calltune.evaluate.toolcall_metrics import HIGHER_IS_BETTER, canonical_call, score_toolcall, toolcall_metrics
+from calltune.evaluate.tasks import TOOLCALL_METRICS
+from calltune.evaluate.toolcall_metrics import canonical_call, score_toolcall, toolcall_metrics
 from calltune.formats import Parsed
 from calltune.schema import Example, Message, Tool, ToolCall
 
@@ -28,7 +29,7 @@ SINGLE = example(Message(role="assistant", tool_calls=[call("get_weather", city=
 PARALLEL = example(Message(role="assistant", tool_calls=[call("get_weather", city="Paris"), call("get_weather", city="Rome")]))
 NO_CALL = example(Message(role="assistant", content="Hello!"))
 
-# (name, parsed output, reference, expected verdicts: name_match, exact_match, valid_json, schema_valid, predicted_no_call)
+# (name, parsed output, reference, expected verdicts: name_match, exact_match, parseable, schema_valid, predicted_no_call)
 CASES = [
     ("right single call", Parsed([call("get_weather", city="Paris")]), SINGLE, (True, True, True, True, False)),
     ("wrong function name", Parsed([call("get_time", tz="CET")]), SINGLE, (False, False, True, True, False)),
@@ -51,7 +52,7 @@ CASES = [
 @pytest.mark.parametrize("name, parsed, ref, expected", CASES, ids=[c[0] for c in CASES])
 def test_each_case(name, parsed, ref, expected):
     r = score_toolcall(parsed, ref)
-    assert (r["name_match"], r["exact_match"], r["valid_json"], r["schema_valid"], r["predicted_no_call"]) == expected
+    assert (r["name_match"], r["exact_match"], r["parseable"], r["schema_valid"], r["predicted_no_call"]) == expected
 
 
 def test_schema_problems_say_what_is_wrong():
@@ -71,7 +72,7 @@ def test_aggregate_over_all_cases():
     assert metrics["function_name_accuracy"] == pytest.approx(5 / 12)
     # exact: right single, parallel reordered, right no call
     assert metrics["exact_call_accuracy"] == pytest.approx(3 / 12)
-    assert metrics["valid_json_rate"] == pytest.approx(11 / 12)
+    assert metrics["parseable_rate"] == pytest.approx(11 / 12)
     # not schema-valid: invalid JSON, wrong type, undeclared tool
     assert metrics["schema_valid_rate"] == pytest.approx(9 / 12)
     # outputs with >= 1 call: 9 (all but the two no-call outputs and the invalid JSON); 7 of them valid
@@ -85,7 +86,7 @@ def test_aggregate_over_all_cases():
     assert records[3]["reference"] == ['{"arguments":{"city":"Paris"},"name":"get_weather"}',
                                        '{"arguments":{"city":"Rome"},"name":"get_weather"}']
     assert records[8]["error"] == "truncated JSON" and records[8]["predicted"] == []
-    assert set(HIGHER_IS_BETTER) <= set(metrics) and all(HIGHER_IS_BETTER.values())
+    assert {m.name for m in TOOLCALL_METRICS} == set(metrics) - {"n", "n_reference_no_call", "n_predicted_no_call"}
 
 
 def test_no_call_rates_are_none_when_undefined():

@@ -64,8 +64,9 @@ def evaluate(model: str | Path, examples: list[Example], *, format: str | None =
     """Generate for `examples` with `model`, parse with its prompt format and score; returns the metrics.
 
     `format` names the prompt format (default: the one saved with the model); `config` sets
-    `EvalConfig` fields (``{"max_new_tokens": 64}``). Files (predictions, metrics, confusion matrix)
-    are written only when `output_dir` is given. BFCL examples are also scored by BFCL's checker.
+    `EvalConfig` fields (``{"task": "toolcall", "max_new_tokens": 64}``; the task defaults as in
+    `calltune.evaluate.tasks.default_task`, so BFCL examples are also scored by BFCL's checker).
+    Files (predictions, metrics, confusion matrix) are written only when `output_dir` is given.
     """
     import tempfile
 

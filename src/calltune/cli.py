@@ -297,6 +297,8 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
                                                   "category, calltune.sources.bfcl.NON_LIVE_EVAL)"),
           split: str = typer.Option("validation", "--split", help="hub split"),
           fmt: Optional[str] = typer.Option(None, "--format", help="prompt format (default: the one saved with the model)"),
+          task: Optional[str] = typer.Option(None, "--task", help="what to score: viggo, toolcall or bfcl (default: viggo "
+                                             "for the viggo format, bfcl for BFCL examples, else toolcall)"),
           limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N examples only (per BFCL category)"),
           batch_size: int = typer.Option(32, "--batch-size", min=1),
           workers: Optional[int] = typer.Option(None, "--workers", min=1, help="decoders in parallel threads, sharing "
@@ -325,8 +327,8 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
         rejects = Rejects(output / "rejects.jsonl")
         examples = load_source(source, data, split=split, rejects=rejects, limit=limit)
         rejects.write()
-        cfg = EvalConfig(batch_size=batch_size, workers=workers, max_new_tokens=max_new_tokens,
-                         constrained=constrained)
+        cfg = _settings(EvalConfig, dict(task=task, batch_size=batch_size, workers=workers,
+                                         max_new_tokens=max_new_tokens, constrained=constrained), "eval options")
         metrics = evaluate_model(model, examples, output, cfg, fmt=get_format(fmt) if fmt else None)
     except _user_errors() as err:
         _fail(err)
@@ -515,6 +517,25 @@ def _limits(pairs: list[str]):
         raise ValueError(f"--limit {first['loc'][0]}: {first['msg']}") from None
 
 
+def _fine_tuning(data_dir: Optional[Path], allow_base: list[str], max_upload_mb: int):
+    """The fine-tuning service of ``serve --data-dir D --allow-base NAME[=MODEL] ...``, or None without --data-dir."""
+    if data_dir is None:
+        if allow_base:
+            raise ValueError("--allow-base needs --data-dir (where the fine-tuning jobs keep their files and runs)")
+        return None
+    if not allow_base:
+        raise ValueError("--data-dir needs at least one --allow-base NAME: the base models jobs may fine-tune")
+    from calltune.serve.jobs import FineTuning
+
+    allowed: dict[str, str] = {}
+    for item in allow_base:
+        name, _, path = item.partition("=")
+        if not name or name in allowed:
+            raise ValueError(f"--allow-base takes NAME or NAME=MODEL, each name once; got {item!r}")
+        allowed[name] = path or name
+    return FineTuning(data_dir, allowed, max_upload_bytes=max_upload_mb * 2 ** 20)
+
+
 @app.command()
 def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alias, folder, adapter, .gguf or hub id)"),
           named: list[str] = typer.Option([], "--model", "-m", help="NAME=PATH, repeatable: several models or "
@@ -527,19 +548,27 @@ def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alia
                                            help="constrain tool calls to the offered tools and their JSON Schemas"),
           max_tokens: int = typer.Option(512, "--max-tokens", help="completion length when a request sets none"),
           limit: list[str] = typer.Option([], "--limit", help="KEY=N, repeatable: a bound on each request "
-                                          "(max_body_bytes, max_messages, max_tools, max_depth, max_stop)")):
-    """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models (use with the openai client)."""
+                                          "(max_body_bytes, max_messages, max_tools, max_depth, max_stop)"),
+          data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="serve the fine-tuning jobs API too, "
+                                                  "keeping its files, runs and state (SQLite) in this folder"),
+          allow_base: list[str] = typer.Option([], "--allow-base", help="NAME or NAME=MODEL, repeatable: a base "
+                                               "model fine-tuning jobs may name (with --data-dir)"),
+          max_upload_mb: int = typer.Option(256, "--max-upload-mb", min=1, help="largest fine-tuning file upload")):
+    """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models (use with the openai client);
+    with --data-dir also /v1/files and /v1/fine_tuning/jobs."""
     from calltune.runtime import keep_freed_memory
     from calltune.serve import run as run_server
 
     keep_freed_memory()
     try:
         limits = _limits(limit)
-        models = _served_models(model, named)
-        console.print(f"serving {', '.join(models)} on http://{host}:{port}/v1"
+        jobs = _fine_tuning(data_dir, allow_base, max_upload_mb)
+        models = _served_models(model, named) if model or named or jobs is None else {}
+        console.print(f"serving {', '.join(models) or 'no model yet'} on http://{host}:{port}/v1"
+                      + (f", fine-tuning {', '.join(jobs.allowed)} (data in {data_dir})" if jobs else "")
                       + (" (API key required)" if api_key else ""))
         run_server(models, host=host, port=port, api_key=api_key, constrained=constrained,
-                   default_max_tokens=max_tokens, limits=limits)
+                   default_max_tokens=max_tokens, limits=limits, jobs=jobs)
     except _user_errors() as err:
         _fail(err)
 

@@ -18,6 +18,7 @@ import torch
 
 from calltune.augment import augment
 from calltune.evaluate.runner import evaluate_model
+from calltune.evaluate.tasks import TASKS
 from calltune.formats import get_format
 from calltune.recipe import Recipe
 from calltune.sources import Rejects, load_source
@@ -26,12 +27,7 @@ from calltune.train import train
 from calltune.runtime import keep_freed_memory, release_freed_memory
 
 METRIC_ROWS = {
-    "viggo": [("function_name_accuracy", "Function Name Accuracy"), ("attribute_set_accuracy", "Attribute Set Accuracy"),
-              ("attribute_value_accuracy", "Attribute Value Accuracy"), ("overall_accuracy", "Overall Accuracy"),
-              ("exact_match", "Exact Match"), ("unparseable_rate", "Unparseable Rate")],
-    "toolcall": [("function_name_accuracy", "Function Name Accuracy"), ("exact_call_accuracy", "Exact Call Accuracy"),
-                 ("valid_json_rate", "Valid JSON Rate"), ("schema_valid_rate", "Schema-valid Rate"),
-                 ("no_call_precision", "No-call Precision"), ("no_call_recall", "No-call Recall")],
+    **{name: [(m.name, m.label) for m in task.metrics] for name, task in TASKS.items()},  # the report's table rows
     # rows under the BFCL per-category table: `calltune.evaluate.bfcl_checker.NON_LIVE_SUMMARY` entries
     "bfcl_summary": [("simple", "simple (mean of Python, Java, JavaScript)"), ("non_live_ast", "non-live AST summary")],
 }
@@ -213,8 +209,14 @@ def _cached_base_eval(recipe: Recipe, eval_ex, out: Path, fmt) -> dict[str, Any]
     return metrics
 
 
-def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run a recipe end to end and return its summary (also in ``summary.json`` and ``report.md``)."""
+def run_recipe(recipe: Recipe, output_dir: str | Path | None = None, callbacks: list | None = None,
+               resume_from_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """Run a recipe end to end and return its summary (also in ``summary.json`` and ``report.md``).
+
+    `callbacks` (transformers `TrainerCallback`s) watch training; `resume_from_checkpoint` (a
+    ``model/checkpoints/checkpoint-N`` folder of an earlier run into the same `output_dir`) continues
+    training from that step.
+    """
     out = Path(output_dir) if output_dir else recipe.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(recipe.model_dump_json(indent=2) + "\n")
@@ -235,7 +237,8 @@ def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str
         walls["evaluate base"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = train(recipe.model, train_ex, fmt, recipe.train, out / "model", rejects=rejects)
+    result = train(recipe.model, train_ex, fmt, recipe.train, out / "model", rejects=rejects, callbacks=callbacks,
+                   resume_from_checkpoint=resume_from_checkpoint)
     rejects.write()
     counts.update(rejected_rows=len(rejects), rejects_by_reason=rejects.counts)  # plus the rows training could not render
     walls["train"] = time.perf_counter() - t0

@@ -27,7 +27,7 @@ def augment_command(input: str | Path, output: str | Path, cfg: AugmentConfig, s
         ValueError: unknown source name. SourceError: the input is not what the source expects.
     """
     from calltune.sources import Rejects, load_source
-    from calltune.sources.clean import read_jsonl, write_jsonl
+    from calltune.sources.canonical_jsonl import read_jsonl, write_jsonl
 
     rejects = Rejects(Path(rejects_path) if rejects_path else None)
     examples = read_jsonl(input) if source is None else load_source(source, str(input), rejects=rejects)

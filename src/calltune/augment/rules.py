@@ -4,7 +4,7 @@ Owns `augment` (examples -> originals kept + new examples + a report) and the ru
 between cleaning and rendering and works on any source's examples. Every random choice comes from one
 `random.Random(cfg.seed)`, so the same input and config give the same output. Each new example records
 ``meta["augment"] = {"rule": ..., "sources": [[source, row], ...], ...}`` and is checked by the
-cleaning stage's schema check (`calltune.sources.clean.check_calls`, unknown arguments rejected):
+cleaning stage's schema check (`calltune.sources.repair.check_calls`, unknown arguments rejected):
 one that fails goes to the rejects (stage ``augment``) and is counted, never kept.
 
 A *single-call example* is one user request (optionally after a system turn) answered by one
@@ -46,7 +46,10 @@ from typing import Any
 from calltune.augment.config import AugmentConfig
 from calltune.schema import Example, Message, Tool, ToolCall
 from calltune.sources.base import Rejects
-from calltune.sources.clean import CleanConfig, SchemaValidators, call_category, check_calls, count_categories
+from calltune.sources.clean import CleanConfig
+from calltune.sources.repair import check_calls
+from calltune.sources.split import call_category, count_categories
+from calltune.sources.tool_schema import SchemaValidators
 
 STAGE = "augment"
 RULES = ("irrelevance", "parallel", "parallel_multiple", "distractors", "self_correction", "answer_after_results")

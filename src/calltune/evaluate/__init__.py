@@ -1,7 +1,9 @@
 """Evaluation stage: extract calls from model outputs (via the prompt format), then score them.
 
-`metrics` holds the metric definitions (with their sources); `runner` generates and writes
-predictions, metrics and plots. Called, the package is `calltune.api.evaluate`:
+`tasks` names what an eval split is scored as (viggo, toolcall, bfcl) and the metrics of each, with
+what they measure and whether higher is better; `viggo_metrics`, `toolcall_metrics` and
+`bfcl_checker` compute them (definitions and sources in their docstrings); `runner` generates and
+writes predictions, metrics and plots. Called, the package is `calltune.api.evaluate`:
 ``calltune.evaluate(model, examples)`` (see `calltune.callable_package`).
 """
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from calltune.evaluate.tasks import TASKS, unknown_task
 
 
 class EvalConfig(BaseModel):
-    """How to evaluate: generation settings and how much of the eval split to use."""
+    """How to evaluate: what to score, generation settings and how much of the eval split to use."""
 
     model_config = ConfigDict(extra="forbid")
+    task: str | None = Field(None, description="what to score: viggo, toolcall or bfcl (calltune.evaluate.tasks; "
+                                               "default: viggo for the viggo format, bfcl for BFCL examples, "
+                                               "else toolcall)")
     batch_size: int = Field(32, ge=1, description="prompts generated together")
     workers: int | None = Field(None, ge=1, description="decoders run in parallel threads, sharing batch_size "
                                                         "(default: calltune.infer.generate's choice)")
@@ -16,3 +22,10 @@ class EvalConfig(BaseModel):
     base: bool = Field(True, description="also evaluate the base model, for the report's comparison")
     constrained: bool = Field(False, description="constrained decoding (calltune.infer.constrained): each call "
                                                  "names an offered tool with schema-valid arguments")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str | None) -> str | None:
+        if task is not None and task not in TASKS:
+            raise PydanticCustomError("unknown_task", unknown_task(task))
+        return task

@@ -1,13 +1,12 @@
 """Running an evaluation: generate for an eval split, parse, score, and write the artefacts.
 
-Owns `EvalConfig` (the `eval:` section of a recipe) and `evaluate_model`. The metrics follow the
-task: the `viggo` format is scored with the Levanter tutorial's ViGGO metrics
-(`calltune.evaluate.metrics`), every other format with the tool-calling metrics
-(`calltune.evaluate.toolcall_metrics`); examples loaded from BFCL are also scored per category by
-BFCL's official AST checker (`calltune.evaluate.bfcl_checker`). It writes into its output folder: ``predictions.jsonl`` (one line per example: input, reference, raw output, parsed
-calls, scores), ``metrics.json`` (metrics, timing, model and format) and ``confusion.png`` (a
-function-name confusion matrix: reference rows, predicted columns, the 20 most frequent reference
-names and ``(other)``; see `confusion_counts`).
+Owns `evaluate_model` (`EvalConfig`, the `eval:` section of a recipe, is in `calltune.evaluate.config`).
+What is scored is the task (`calltune.evaluate.tasks`): ``viggo``, ``toolcall`` or ``bfcl``, set by
+``EvalConfig.task`` or else chosen from the format and the examples (`default_task`). It writes into
+its output folder: ``predictions.jsonl`` (one line per example: input, reference, raw output, parsed
+calls, scores), ``metrics.json`` (the task, its metrics, timing, model and format) and
+``confusion.png`` (a function-name confusion matrix: reference rows, predicted columns, the 20 most
+frequent reference names and ``(other)``; see `confusion_counts`).
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from calltune.evaluate.config import EvalConfig
-from calltune.evaluate.metrics import viggo_metrics
-from calltune.evaluate.toolcall_metrics import toolcall_metrics
+from calltune.evaluate.tasks import Task, default_task, get_task
 from calltune.formats import PromptFormat
 from calltune.infer import load_for_inference
 from calltune.infer.constrained import checked_tool_call_grammar, generate_constrained
@@ -31,32 +29,15 @@ NO_CALL = "(no call)"
 OTHER = "(other)"  # confusion matrix: the names beyond the most frequent ones
 
 
-def _reference(example: Example):
-    final = example.final_assistant()
-    if final is None or not final.tool_calls:
-        raise ValueError(f"{example.where}: a ViGGO eval example needs a final assistant turn with a call")
-    return final.tool_calls[0]
-
-
 def _first_name(parsed) -> str:
     if parsed.error is not None:
         return UNPARSEABLE
     return parsed.tool_calls[0].name if parsed.tool_calls else NO_CALL
 
 
-def score(fmt: PromptFormat, examples: list[Example], parsed: list) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics and per-example records for `parsed` outputs, by task (see the module docstring)."""
-    if fmt.name == "viggo":
-        return viggo_metrics(parsed, [_reference(e) for e in examples])
-    metrics, records = toolcall_metrics(parsed, examples)
-    if examples and all("bfcl" in e.meta for e in examples):
-        from calltune.evaluate.bfcl_checker import score_bfcl
-
-        bfcl = score_bfcl(examples, [p.tool_calls if p.error is None else None for p in parsed])
-        metrics["bfcl"] = {k: v for k, v in bfcl.items() if k != "results"}
-        for record, result in zip(records, bfcl.get("results", [])):
-            record["bfcl"] = result
-    return metrics, records
+def resolve_task(cfg: EvalConfig, fmt: PromptFormat, examples: list[Example]) -> Task:
+    """``cfg.task`` if set, else the default for the format and examples (`default_task`)."""
+    return get_task(cfg.task or default_task(fmt.name, examples))
 
 
 def confusion_counts(pairs: list[tuple[str, str]], top: int = 20) -> tuple[list[str], list[str], list[list[int]]]:
@@ -135,22 +116,25 @@ def confusion_png(pairs: list[tuple[str, str]], path: Path, title: str, top: int
 
 def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path, cfg: EvalConfig | None = None,
                    fmt: PromptFormat | None = None, loaded: tuple | None = None) -> dict[str, Any]:
-    """Generate for `examples` with `model_name`, score them (see `score`), write the artefacts.
+    """Generate for `examples` with `model_name`, score them as the task (`resolve_task`), write the artefacts.
 
     Args:
         model_name: anything `calltune.models.resolve_model` accepts, or a LoRA adapter folder.
         examples: eval examples; the final assistant turn is the reference, and the prompt is
             everything before it.
         out_dir: where predictions.jsonl, metrics.json and confusion.png go.
-        fmt: the prompt format; when None, the format saved with the model (a base model has none,
-            so then a format must be given).
+        cfg: the task and generation settings (default `EvalConfig()`).
+        fmt: the prompt format; when given it wins over the format saved with the model; when None,
+            the saved one (a base model has none, so then a format must be given).
         loaded: an already loaded ``(model, tokenizer, fmt)`` to reuse.
 
     Returns:
-        The metrics dict written to metrics.json.
+        The metrics dict written to metrics.json: the task's metrics, ``task``, ``model``,
+        ``format``, ``constrained`` and timing.
 
     Raises:
-        ValueError: neither the model nor the caller gives a format.
+        ValueError: neither the model nor the caller gives a format, or the task cannot score an
+            example (raised before generating; names the example).
         ConstrainedDecodingError: ``cfg.constrained`` with a format whose call syntax has no grammar.
     """
     cfg = cfg or EvalConfig()
@@ -160,6 +144,8 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     fmt = fmt if fmt is not None else saved
     if fmt is None:
         raise ValueError(f"{model_name} has no saved prompt format; pass one (e.g. --format viggo)")
+    task = resolve_task(cfg, fmt, examples)
+    task.check(examples)
     prompts = [fmt.prompt(e, tokenizer) for e in examples]
     start = time.perf_counter()
     grammars = None  # unconstrained: generate_constrained is plain `generate`
@@ -169,9 +155,9 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
                                        batch_size=cfg.batch_size, progress=True, workers=cfg.workers)
     seconds = time.perf_counter() - start
     parsed = [fmt.parse(g.text) for g in generations]
-    metrics, per_example = score(fmt, examples, parsed)
+    metrics, per_example = task.score(examples, parsed)
     new_tokens = sum(g.completion_tokens for g in generations)
-    metrics.update({"task": "viggo" if fmt.name == "viggo" else "toolcall", "model": str(model_name), "format": fmt.name, "constrained": cfg.constrained,
+    metrics.update({"task": task.name, "model": str(model_name), "format": fmt.name, "constrained": cfg.constrained,
                     "eval_seconds": round(seconds, 2),
                     "generated_tokens": new_tokens, "generated_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)})
     pairs = []

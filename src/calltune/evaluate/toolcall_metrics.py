@@ -1,29 +1,31 @@
-"""Tool-calling metrics. Extraction (a format's `parse` -> `Parsed`) happens before; this module only scores.
+"""Tool-calling metrics (tasks ``toolcall`` and ``bfcl``). Extraction (a format's `parse` -> `Parsed`)
+happens before; this module only scores.
 
 Owns `toolcall_metrics` (parsed outputs + reference examples -> metrics and per-example records) for
 JSON-Schema tool-calling data (xLAM, glaive, Hermes, llama_functions, OpenAI JSONL). The reference of
 an example is its final assistant turn: its ``tool_calls``, or "no call" when it has only content.
 
-Definitions (each a share of examples in [0, 1], higher is better):
+Definitions (each a share of examples in [0, 1], higher is better; named as in every task,
+`calltune.evaluate.tasks`):
 
 - function name accuracy: the multiset of predicted function names equals the reference's
   (order-free; a parallel answer must name each function as many times as the reference). The
-  ViGGO metric of the same name (Levanter ViGGO tutorial; `calltune.evaluate.metrics`)
+  ViGGO metric of the same name (Levanter ViGGO tutorial; `calltune.evaluate.viggo_metrics`)
   generalised to several calls. A correct no-call (both empty) counts as correct.
-- exact call accuracy: the predicted calls equal the reference calls as multisets of canonical JSON
+- exact-call accuracy: the predicted calls equal the reference calls as multisets of canonical JSON
   (``{"name", "arguments"}`` with sorted keys; numbers compare by value, so ``2.0 == 2``, but
   ``true != 1`` and ``"2" != 2``). This is BFCL's AST-match idea (Berkeley Function Calling
   Leaderboard, https://gorilla.cs.berkeley.edu/blogs/8_berkeley_function_calling_leaderboard.html;
   ``ast_checker.py``: same function, same parameters and values, and for parallel calls
   ``parallel_function_checker_no_order``: the same number of calls, matched in any order), with one
   reference answer per call instead of BFCL's list of accepted values per parameter.
-- valid JSON rate: share of outputs that parsed without error (``Parsed.error is None``); the
-  complement of `calltune.evaluate.metrics`' unparseable rate. A plain-text answer is valid.
+- parseable rate: share of outputs that parsed without error (``Parsed.error is None``). A
+  plain-text answer parses (as no call).
 - schema-valid rate: share of outputs that parsed and whose every call names a tool the example
   provides and has arguments that validate against that tool's ``parameters`` JSON Schema (the
-  `jsonschema` library, Draft 2020-12 unless the schema names another; a parameter with a
-  ``default`` counts as optional, as in `calltune.sources.clean`). An output with no call is
-  vacuously schema-valid, so also reported: schema-valid call rate, the same share among outputs
+  `jsonschema` library via `calltune.sources.tool_schema`, Draft 2020-12 unless the schema names
+  another; a parameter with a ``default`` counts as optional, as in cleaning). An output with no
+  call is vacuously schema-valid, so also reported: schema-valid call rate, the same share among outputs
   that call at least one tool (None if none does). BFCL's AST checker likewise rejects a call to a
   function not in the given list and a parameter of the wrong type.
 - no-call precision and recall, with "the model should not call" as the positive class (BFCL's
@@ -34,7 +36,7 @@ Definitions (each a share of examples in [0, 1], higher is better):
   **None when its denominator is 0** (no output without a call / no reference without a call).
 
 An output that did not parse (``error`` set) is wrong on every metric: no name or exact match, not
-valid JSON, not schema-valid, and not a no-call (it tried to call).
+parseable, not schema-valid, and not a no-call (it tried to call).
 """
 
 from __future__ import annotations
@@ -44,15 +46,10 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from calltune.schema import Example, Tool, ToolCall
-from calltune.sources.clean import SchemaValidators, defaults_not_required, first_error
+from calltune.sources.tool_schema import SchemaValidators, defaults_not_required, first_error
 
 if TYPE_CHECKING:  # imported for annotations only: calltune.formats pulls in transformers
     from calltune.formats import Parsed
-
-HIGHER_IS_BETTER = {"function_name_accuracy": True, "exact_call_accuracy": True, "valid_json_rate": True,
-                    "schema_valid_rate": True, "schema_valid_call_rate": True, "no_call_precision": True,
-                    "no_call_recall": True}
-
 
 def reference_calls(example: Example) -> list[ToolCall]:
     """The calls of the example's final assistant turn ([] = the reference is "no call").
@@ -116,7 +113,7 @@ def score_toolcall(parsed: "Parsed", example: Example, validators: SchemaValidat
         "reference": [canonical_call(c) for c in ref],
         "predicted": [canonical_call(c) for c in parsed.tool_calls],
         "error": parsed.error,
-        "valid_json": ok,
+        "parseable": ok,
         "schema_valid": ok and not problems,
         "schema_problems": problems,
         "calls": ok and bool(pred),
@@ -139,7 +136,7 @@ def toolcall_metrics(parsed: list["Parsed"], examples: list[Example]) -> tuple[d
         examples: the reference examples (the final assistant turn is the reference).
 
     Returns:
-        ``(metrics, records)``: metrics with the keys of `HIGHER_IS_BETTER` plus ``n``,
+        ``(metrics, records)``: the metrics of `calltune.evaluate.tasks.TOOLCALL_METRICS` plus ``n``,
         ``n_reference_no_call`` and ``n_predicted_no_call``; a rate whose denominator is 0 is None
         (all of them when there are no examples). Records: one `score_toolcall` dict per example,
         with its ``index``.
@@ -159,7 +156,7 @@ def toolcall_metrics(parsed: list["Parsed"], examples: list[Example]) -> tuple[d
     metrics: dict[str, Any] = {
         "function_name_accuracy": _share(count("name_match"), n),
         "exact_call_accuracy": _share(count("exact_match"), n),
-        "valid_json_rate": _share(count("valid_json"), n),
+        "parseable_rate": _share(count("parseable"), n),
         "schema_valid_rate": _share(count("schema_valid"), n),
         "schema_valid_call_rate": _share(count("schema_valid", calling), len(calling)),
         "no_call_precision": _share(count("reference_no_call", predicted_none), len(predicted_none)),

@@ -8,7 +8,8 @@ adapter and no other user is merged in memory instead, which generates faster. W
 the inference dtype (bf16 where the CPU has it, as in `calltune.infer.generate.load_for_inference`).
 
 Generation mutates shared state (the active adapter, the KV cache buffers), so requests take
-`registry.lock` around it (`registry.use(served)`): one generation at a time.
+`registry.lock` around it (`registry.use(served)`): one generation at a time. `add` serves one more
+model while the server runs (a fine-tuning job's result).
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ def _adapter_base(path: str) -> str:
 class ModelRegistry:
     """Load `models` (``{name: model}``) once; look them up by name; serialise generation."""
 
-    def __init__(self, models: dict[str, str], dtype: torch.dtype | None = None):
-        if not models:
+    def __init__(self, models: dict[str, str], dtype: torch.dtype | None = None, allow_empty: bool = False):
+        if not models and not allow_empty:
             raise ValueError("give at least one model to serve (--model NAME=PATH)")
         self.lock = threading.Lock()
         self.models: dict[str, ServedModel] = {}
-        dtype = dtype or inference_dtype()
+        dtype = self.dtype = dtype or inference_dtype()
         resolved = {name: resolve_model(path) for name, path in models.items()}
         groups: dict[str, list[str]] = {}  # base folder -> served names using it (adapters and the base itself)
         for name, path in resolved.items():
@@ -97,6 +98,20 @@ class ModelRegistry:
                     base_of_adapters=bool(adapters) and not merged and name in plain)
                 if fmt is None:
                     log.warning("%s (%s) has no saved prompt format; using hermes", name, path)
+
+    def add(self, name: str, path: str) -> ServedModel:
+        """Load `path` (anything the constructor takes) and serve it as `name` from now on, without a
+        restart. It gets its own copy of its base (an adapter is merged into it in memory), so the
+        models already served keep answering while it loads.
+
+        Raises:
+            ValueError: `name` is already served. ModelNotFound: `path` names no model.
+        """
+        if name in self.models:
+            raise ValueError(f"a model named {name!r} is already served")
+        served = ModelRegistry({name: path}, dtype=self.dtype).models[name]
+        self.models[name] = served
+        return served
 
     def names(self) -> list[str]:
         return list(self.models)

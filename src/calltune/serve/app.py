@@ -1,5 +1,9 @@
 """The HTTP server: OpenAI-compatible ``POST /v1/chat/completions`` and ``GET /v1/models`` (FastAPI).
 
+With ``jobs=`` (a `calltune.serve.jobs.FineTuning`) it also serves OpenAI's files and fine-tuning jobs
+routes and Scale LLM Engine's fine-tune routes, behind the same API key; a finished job's model is
+added to the served models at once.
+
 Owns `create_app` (the app for a set of models) and `run` (uvicorn). Requests are validated by
 `calltune.serve.protocol` (types, then `check_request`'s bounds and rules), rendered and parsed by
 each model's saved prompt format through `calltune.infer.engine`, and generated one at a time under
@@ -63,15 +67,16 @@ class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` gets 413 before anything reads it whole
     (checked on ``Content-Length`` and, for a chunked body, while it arrives)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, paths: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.paths = app, max_bytes, paths or {}  # paths: their own limits (uploads)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.paths.get(scope["path"], self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._refuse(send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await self._refuse(send, limit)
         seen = 0
 
         async def counted():
@@ -79,17 +84,17 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise _TooLarge
             return message
 
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
-            await self._refuse(send)
+            await self._refuse(send, limit)
 
-    async def _refuse(self, send):
-        body = json.dumps(error_body(f"The request body is larger than this server's limit of {self.max_bytes} "
+    async def _refuse(self, send, limit: int):
+        body = json.dumps(error_body(f"The request body is larger than this server's limit of {limit} "
                                      "bytes.", code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -101,18 +106,21 @@ class _TooLarge(Exception):
 
 
 class ApiKey:
-    """ASGI middleware: every request but ``/health`` needs ``Authorization: Bearer <key>`` (401 otherwise).
+    """ASGI middleware: every request but ``/health`` needs ``Authorization: Bearer <key>`` or
+    ``x-api-key: <key>`` (401 otherwise).
 
     A plain ASGI middleware rather than an ``@app.middleware("http")`` one, which would wrap the
     connection so that a handler can't see its client disconnect."""
 
     def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode()
+        self.app, self.expected, self.key = app, f"Bearer {key}".encode(), key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            headers = dict(scope.get("headers") or [])
+            given = headers.get(b"authorization", b"")
+            other = headers.get(b"x-api-key", b"")  # how the Scale LLM Engine client sends it
+            if not (hmac.compare_digest(given, self.expected) or hmac.compare_digest(other, self.key)):
                 response = JSONResponse(error_body("Incorrect or missing API key: send `Authorization: Bearer <key>` "
                                                    "with the key the server was started with.",
                                                    code="invalid_api_key"), status_code=401)
@@ -121,7 +129,7 @@ class ApiKey:
 
 
 def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = None, constrained: bool = True,
-               default_max_tokens: int = 512, limits: Limits | None = None) -> FastAPI:
+               default_max_tokens: int = 512, limits: Limits | None = None, jobs=None) -> FastAPI:
     """The server app for `models` (``{name: model}`` or a loaded `ModelRegistry`).
 
     Args:
@@ -131,11 +139,13 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
         default_max_tokens: completion length when a request gives no ``max_tokens`` (less if the
             model's context has less room).
         limits: bounds on each request (`Limits`' defaults if None).
+        jobs: a `calltune.serve.jobs.FineTuning`: serve its files and fine-tuning routes too (then
+            `models` may be empty); uploads get its `max_upload_bytes` instead of the body limit.
 
     ``app.state.stopping`` (a `threading.Event`): set it to stop every running generation at its
     next step and refuse new ones (`run` sets it on SIGTERM and Ctrl-C).
     """
-    registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models)
+    registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models, allow_empty=jobs is not None)
     if constrained and not cd.available():
         log.warning("llguidance is not installed: serving without constrained decoding "
                     "(pip install 'calltune[serve]')")
@@ -145,7 +155,8 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
     app.state.registry = registry
     app.state.constrained = constrained
     app.state.stopping = threading.Event()
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes,
+                       paths={"/v1/files": jobs.max_upload_bytes} if jobs is not None else None)
 
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
@@ -175,6 +186,9 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
         log.exception("internal error on %s", request.url.path)
         return JSONResponse(error_body(f"internal server error ({type(err).__name__})", type="server_error"),
                             status_code=500)
+
+    if jobs is not None:
+        jobs.attach(app, registry)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -311,13 +325,13 @@ def _sse(cid: str, created: int, model: str, events: Iterator, include_usage: bo
 
 
 def run(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        constrained: bool = True, default_max_tokens: int = 512, limits: Limits | None = None) -> None:
+        constrained: bool = True, default_max_tokens: int = 512, limits: Limits | None = None, jobs=None) -> None:
     """Load `models` and serve them with uvicorn until SIGTERM or Ctrl-C, which stop running
-    generations at their next step, so the server exits within seconds."""
+    generations at their next step, so the server exits within seconds. `jobs`: as in `create_app`."""
     import uvicorn
 
     app = create_app(models, api_key=api_key, constrained=constrained, default_max_tokens=default_max_tokens,
-                     limits=limits)
+                     limits=limits, jobs=jobs)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

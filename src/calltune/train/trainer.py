@@ -291,11 +291,14 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, **overrides) -> Train
 
 
 def train(model_name: str, examples: list[Example], fmt: PromptFormat, cfg: TrainConfig, output_dir: str | Path,
-          rejects: Rejects | None = None, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+          rejects: Rejects | None = None, callbacks: list[TrainerCallback] | None = None,
+          resume_from_checkpoint: str | Path | None = None) -> TrainResult:
     """Fine-tune `model_name` on `examples` rendered by `fmt`; save the model, tokenizer and format.
 
     The saved folder (`output_dir`) holds a full model (``full``) or a LoRA adapter (``lora``,
     ``qlora``) plus ``calltune_format.json``; checkpoints go to ``output_dir/checkpoints``.
+    `resume_from_checkpoint` (one of those checkpoint folders) continues from its step with its
+    weights; the optimizer starts afresh, as checkpoints hold the model only (``save_only_model``).
 
     Raises:
         ValueError: no example survives rendering.
@@ -312,7 +315,7 @@ def train(model_name: str, examples: list[Example], fmt: PromptFormat, cfg: Trai
                               data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing, pack_length=cfg.pack_length or cfg.max_length),
                               callbacks=[ReleaseFreedMemory(), *(callbacks or [])])
     start = time.perf_counter()
-    out = trainer.train()
+    out = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
     seconds = time.perf_counter() - start
     model = trainer.model
     model.config.use_cache = True

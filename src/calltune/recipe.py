@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from calltune.augment.config import AugmentConfig
+from calltune.errors import CalltuneError
 from calltune.evaluate.config import EvalConfig
 from calltune.sources.clean import CleanConfig
 from calltune.train.config import TrainConfig
@@ -71,7 +72,7 @@ class Recipe(BaseModel):
         return Path(self.output_dir or Path("runs") / self.name)
 
 
-class RecipeError(ValueError):
+class RecipeError(CalltuneError):
     """A recipe has problems; `problems` lists every one, each naming the key path.
 
     The message is one line for one problem (``path: problem``), else a count and one line per problem.
@@ -121,7 +122,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ValueError(f"--set {dotted}: {p!r} is not a mapping of keys")
+            raise RecipeError(f"--set {dotted}: {p!r} is not a mapping of keys")
     node[last] = value
 
 
@@ -217,7 +218,7 @@ def validate_recipe(path: str | Path) -> Recipe:
         RecipeError: listing every problem found.
     """
     from calltune.formats import FORMATS
-    from calltune.models import ALIASES, _HUB_ID
+    from calltune.models import _HUB_ID, ALIASES
     from calltune.sources import SOURCES
 
     recipe = load_recipe(path)

@@ -24,10 +24,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from calltune.errors import CalltuneError
+
 Role = Literal["system", "user", "assistant", "tool"]
 
 
-class SchemaError(ValueError):
+class SchemaError(CalltuneError):
     """A value does not fit the canonical schema; the message names the field path.
 
     `problems` is a list of ``(path, message)``, e.g. ``("messages[1].tool_calls[0].function.name",

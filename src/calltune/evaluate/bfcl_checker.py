@@ -51,6 +51,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from calltune.errors import CalltuneError
 from calltune.schema import Example, ToolCall
 from calltune.sources.bfcl import bfcl_version, category_language
 
@@ -168,7 +169,7 @@ def score_bfcl(examples: Sequence[Example], predicted_calls: Sequence[Sequence[T
     for i, (example, calls) in enumerate(zip(examples, predicted_calls)):
         info = example.meta.get("bfcl")
         if not info:
-            raise ValueError(f"score_bfcl: example {i} ({example.where}) has no meta['bfcl']; "
+            raise CalltuneError(f"score_bfcl: example {i} ({example.where}) has no meta['bfcl']; "
                              "load it with calltune.sources.bfcl.load_bfcl")
         category = info["category"]
         decoded = to_bfcl_calls(calls)

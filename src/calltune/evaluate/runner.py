@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from calltune.errors import CalltuneError
 from calltune.evaluate.config import EvalConfig
 from calltune.evaluate.tasks import Task, default_task, get_task
 from calltune.formats import PromptFormat
@@ -143,7 +144,7 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     model, tokenizer, saved = loaded or load_for_inference(model_name)
     fmt = fmt if fmt is not None else saved
     if fmt is None:
-        raise ValueError(f"{model_name} has no saved prompt format; pass one (e.g. --format viggo)")
+        raise CalltuneError(f"{model_name} has no saved prompt format; pass one (e.g. --format viggo)")
     task = resolve_task(cfg, fmt, examples)
     task.check(examples)
     prompts = [fmt.prompt(e, tokenizer) for e in examples]

@@ -22,6 +22,8 @@ import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from calltune.errors import CalltuneError
+
 if TYPE_CHECKING:
     from calltune.formats import Parsed
     from calltune.schema import Example
@@ -57,11 +59,11 @@ class Task:
     problem: Callable[[Example], str | None]
 
     def check(self, examples: list[Example]) -> None:
-        """Raise `ValueError` naming the first example this task cannot score (run before generating)."""
+        """Raise `CalltuneError` naming the first example this task cannot score (run before generating)."""
         for example in examples:
             found = self.problem(example)
             if found is not None:
-                raise ValueError(f"{example.where}: task {self.name!r}: {found}")
+                raise CalltuneError(f"{example.where}: task {self.name!r}: {found}")
 
 
 FUNCTION_NAME = Metric(
@@ -165,7 +167,7 @@ def get_task(name: str) -> Task:
         ValueError: unknown name (with "did you mean" and the choices).
     """
     if name not in TASKS:
-        raise ValueError(unknown_task(name))
+        raise CalltuneError(unknown_task(name))
     return TASKS[name]
 
 

@@ -45,6 +45,7 @@ import json
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from calltune.errors import CalltuneError
 from calltune.schema import Example, Tool, ToolCall
 from calltune.sources.tool_schema import SchemaValidators, defaults_not_required, first_error
 
@@ -59,7 +60,7 @@ def reference_calls(example: Example) -> list[ToolCall]:
     """
     final = example.final_assistant()
     if final is None:
-        raise ValueError(f"{example.where}: no assistant turn, so there is no reference to score against")
+        raise CalltuneError(f"{example.where}: no assistant turn, so there is no reference to score against")
     return list(final.tool_calls or [])
 
 

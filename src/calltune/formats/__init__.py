@@ -37,12 +37,12 @@ def get_format(name: str, **options) -> PromptFormat:
     if name == "auto":
         tokenizer = options.pop("tokenizer", None)
         if tokenizer is None or options:
-            raise ValueError("get_format('auto') takes exactly one option, tokenizer=, to pick chat_template or hermes")
+            raise FormatError("get_format('auto') takes exactly one option, tokenizer=, to pick chat_template or hermes")
         return default_format_for(tokenizer)
     if name not in FORMATS:
         close = difflib.get_close_matches(name, FORMATS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown prompt format {name!r}.{hint} Choices: {', '.join(sorted(FORMATS))}")
+        raise FormatError(f"unknown prompt format {name!r}.{hint} Choices: {', '.join(sorted(FORMATS))}")
     return FORMATS[name](**options)
 
 

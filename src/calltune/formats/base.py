@@ -2,7 +2,8 @@
 
 Owns `PromptFormat` (the base every format extends), `Parsed` (what `parse` returns) and the
 format file saved beside a trained model (`save_format` / `load_format`), so inference and serving
-use exactly the format training used.
+use exactly the format training used. `save_format` also writes the format as the saved tokenizer's
+chat template, for runtimes that read only that (see `calltune.formats.jinja`).
 """
 
 from __future__ import annotations
@@ -124,10 +125,28 @@ class PromptFormat:
 
 
 def save_format(fmt: PromptFormat, directory: str | Path) -> Path:
-    """Write the format's name and options to ``directory/calltune_format.json``."""
+    """Write the format's name and options to ``directory/calltune_format.json``; returns that path.
+
+    When `directory` holds a saved tokenizer (``tokenizer_config.json``; call this after
+    ``tokenizer.save_pretrained``), its chat template becomes the format's (`calltune.formats.jinja`),
+    so ``AutoTokenizer.from_pretrained(directory).apply_chat_template(...)`` renders what the format
+    renders, and the base template it replaced is kept in the format file under ``base_chat_template``
+    (`calltune.models.load_tokenizer` puts it back for calltune's own rendering). Saving twice into the
+    same folder keeps the original base template.
+    """
+    from calltune.formats.jinja import BASE_KEY, folder_base_template, write_chat_template
+
     path = Path(directory) / FORMAT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"name": fmt.name, "options": fmt.options()}, indent=2) + "\n")
+    previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    has_tokenizer, base = folder_base_template(path.parent, previous)
+    data: dict[str, Any] = {"name": fmt.name, "options": fmt.options()}
+    if has_tokenizer:
+        data[BASE_KEY] = base
+    # the format file (with the base template) first, so a failure below never loses the base
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if has_tokenizer:
+        write_chat_template(fmt, path.parent, base)
     return path
 
 
@@ -138,5 +157,5 @@ def load_format(directory: str | Path) -> PromptFormat | None:
     path = Path(directory) / FORMAT_FILE
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     return get_format(data["name"], **data.get("options", {}))

@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from calltune.errors import CalltuneError
+
 if TYPE_CHECKING:
     from calltune.schema import Message
 
 TRAIN_ON = ("all", "last")
 
 
-class FormatError(ValueError):
+class FormatError(CalltuneError):
     """A conversation can't be rendered by a format (the message names the example and the turn)."""
 
 
@@ -49,7 +51,7 @@ def select_turns(trainable: Sequence[bool], train_on: str = "all") -> list[bool]
     """Apply `train_on` to per-assistant-turn flags: ``"all"`` keeps them, ``"last"`` keeps only the
     last True one (all False if there is none). Raises ValueError for another `train_on`."""
     if train_on not in TRAIN_ON:
-        raise ValueError(f"train_on must be one of {', '.join(map(repr, TRAIN_ON))}, got {train_on!r}")
+        raise FormatError(f"train_on must be one of {', '.join(map(repr, TRAIN_ON))}, got {train_on!r}")
     flags = [bool(t) for t in trainable]
     if train_on == "last":
         last = max((k for k, t in enumerate(flags) if t), default=-1)

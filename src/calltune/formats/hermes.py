@@ -104,7 +104,7 @@ class HermesFormat(PromptFormat):
 
     def __init__(self, dot_replacement: str | None = None, compact: bool = False):
         if dot_replacement is not None and (not dot_replacement or "." in dot_replacement):
-            raise ValueError(f"dot_replacement must be a non-empty string without '.', got {dot_replacement!r}")
+            raise FormatError(f"dot_replacement must be a non-empty string without '.', got {dot_replacement!r}")
         self.dot_replacement = dot_replacement
         self.compact = compact
 

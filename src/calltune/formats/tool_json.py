@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from calltune.errors import CalltuneError
 from calltune.schema import Message, SchemaError, ToolCall
 
 
-class CallError(ValueError):
+class CallError(CalltuneError):
     """A completion meant as a call is not a well-formed call (the message says where and why)."""
 
 

@@ -31,12 +31,13 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
+from calltune.errors import CalltuneError
 from calltune.schema import Message, Tool
 
 Complete = Callable[[list[Message], list[Tool]], Message]
 
 
-class ToolsError(ValueError):
+class ToolsError(CalltuneError):
     """A tools module can't be loaded or holds no usable function."""
 
 
@@ -203,9 +204,9 @@ def chat_loop(complete: Complete, tools: dict[str, Callable], read: Callable[[],
 def model_completer(model: str, max_tokens: int = 256, temperature: float = 0.0,
                     constrained: bool = True) -> Complete:
     """A `Complete` backed by a local model, through the same engine as `calltune serve`."""
-    from calltune.schema import Example
     from calltune.infer.engine import Params, complete
     from calltune.infer.registry import ModelRegistry
+    from calltune.schema import Example
 
     registry = ModelRegistry({"chat": model})
     served = registry.get("chat")

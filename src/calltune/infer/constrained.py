@@ -1,8 +1,9 @@
 """Constrained decoding: generation that can only produce well-formed calls of the offered tools.
 
 Owns the grammar of a prompt format's tool calls (`tool_call_grammar`), the `GrammarConstraint` logits
-hook that masks every token the grammar forbids, and `generate_constrained`: calltune's batched
-generation (`calltune.infer.generate.generate`) with one grammar (or none) per prompt.
+hook that masks every token the grammar forbids (`row_constraint`: the same for one row of the
+server's `ContinuousDecoder`), and `generate_constrained`: calltune's batched generation
+(`calltune.infer.generate.generate`) with one grammar (or none) per prompt.
 
 The grammar engine is llguidance (https://github.com/guidance-ai/llguidance, MIT): a small wheel
 with no dependencies that computes token masks on the CPU and takes Lark grammars with inline JSON
@@ -33,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from calltune.errors import CalltuneError
 from calltune.formats import PromptFormat
 from calltune.infer.generate import Generation, generate
 from calltune.schema import Tool
@@ -45,7 +47,7 @@ Mode = Literal["auto", "required"]
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-class ConstrainedDecodingError(ValueError):
+class ConstrainedDecodingError(CalltuneError):
     """Constrained decoding can't be set up: the library is missing, or a grammar does not compile."""
 
 
@@ -223,6 +225,20 @@ class GrammarConstraint:
                 allowed = bits.reshape(-1)[:vocab].bool()
             scores[slot].masked_fill_(~allowed.to(scores.device), float("-inf"))
         return scores
+
+
+def row_constraint(tokenizer, grammar: str):
+    """A per-row logits hook for `calltune.infer.generate.DecodeRequest`: ``hook(scores, last) -> scores``
+    masks one row's (vocab,) scores, in place, to what `grammar` allows after the tokens so far (`last`:
+    the token chosen at the previous step, None at the first); once the grammar is complete only
+    `tokenizer`'s end-of-turn is allowed. The grammar is compiled here (`compile_grammar`), so a bad one
+    raises ConstrainedDecodingError before the row is submitted."""
+    constraint = GrammarConstraint({0: compile_grammar(tokenizer, grammar)}, tokenizer.eos_token_id)
+
+    def hook(scores: torch.Tensor, last: int | None) -> torch.Tensor:
+        return constraint([0], scores[None], None if last is None else [last])[0]
+
+    return hook
 
 
 def _bitmask(matcher, words: int):

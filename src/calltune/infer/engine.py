@@ -2,10 +2,12 @@
 
 Owns the completion logic shared by the HTTP server (`calltune.serve`) and `calltune chat`: which
 tools the prompt offers and which grammar constrains the output for a `tool_choice` (`plan`),
-generation under the registry's lock (`complete`), parsing with the model's own prompt format (the
-one it was trained with), and streaming (`stream_complete`: content deltas as the model writes
+generation in the model's shared continuous batch (`complete`: the request joins its model's
+`calltune.infer.scheduler.BatchScheduler`, so concurrent requests decode together, each with its
+own budget, sampling, stop strings, grammar and adapter), parsing with the model's own prompt format
+(the one it was trained with), and streaming (`stream_complete`: content deltas as the model writes
 them, tool calls once parsed); and `RequestError`, a request that can't be served, which the server
-turns into an OpenAI error body.
+turns into an OpenAI error body (429 with ``Retry-After`` when the model's batch and queue are full).
 
 tool_choice:
 - ``none``: the prompt offers no tools and the output is not parsed for calls (constrained: it can't
@@ -20,31 +22,27 @@ parsed as in ``auto``.
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import torch
-
+from calltune.errors import CalltuneError
 from calltune.infer import constrained as cd
 from calltune.infer.registry import ModelRegistry, ServedModel
+from calltune.infer.scheduler import Cancelled, QueueFull, Ticket
 from calltune.schema import Example, Message, ToolCall
 
 log = logging.getLogger(__name__)
 
 
-class Cancelled(Exception):
-    """Generation stopped early because its request was cancelled (its client left, or the server stops)."""
-
-
-class RequestError(ValueError):
-    """A request the server can't serve; becomes an OpenAI error body with `status`."""
+class RequestError(CalltuneError):
+    """A request the server can't serve; becomes an OpenAI error body with `status` (and `headers`)."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str | None = None, type: str = "invalid_request_error"):
+                 code: str | None = None, type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+        self.headers = headers
 
 
 @dataclass
@@ -172,24 +170,41 @@ def _without_cut_call(text: str) -> str:
     return text
 
 
+def _submit(registry: ModelRegistry, served: ServedModel, plan_: Plan, params: Params, streamer,
+            cancel: Callable[[], bool] | None) -> Ticket:
+    """Put `plan_` into `served`'s continuous batch.
+
+    Raises:
+        RequestError: 429 (OpenAI's rate-limit shape, with ``Retry-After``) when the batch and its queue
+            are full.
+    """
+    try:
+        return registry.scheduler(served).submit(
+            plan_.prompt, plan_.max_tokens, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+            stop=params.stop, grammar=plan_.grammar, adapter=served.adapter, tokenizer=served.tokenizer,
+            streamer=streamer, cancel=cancel)
+    except QueueFull as err:
+        raise RequestError(str(err), status=429, type="requests", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(err.retry_after)}) from None
+
+
 def complete(registry: ModelRegistry, served: ServedModel, example: Example, params: Params,
              streamer=None, cancel: Callable[[], bool] | None = None) -> Completion:
-    """Generate one assistant turn for `example` (its messages end on a user or tool turn).
+    """Generate one assistant turn for `example` (its messages end on a user or tool turn), in the
+    continuous batch of `served`'s model (other requests may decode alongside; a greedy completion
+    is the one it would be alone). Blocks until the turn is complete.
 
-    `cancel`: polled before generation and at every decode step; once it returns True generation
-    stops (the client left or the server is stopping) and `Cancelled` is raised.
+    `streamer`: a transformers streamer fed the completion's tokens as they are chosen.
+    `cancel`: polled before generation and at every decode step; once it returns True the request
+    leaves the batch (the client left or the server is stopping) and `Cancelled` is raised.
+
+    Raises:
+        RequestError: as `plan`; 429 when the model's batch and queue are full. Cancelled: see `cancel`.
     """
     plan_ = plan(served, example, params)
-    with registry.use(served):
-        if cancel is not None and cancel():
-            raise Cancelled("cancelled before generation")
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        gen = cd.generate_constrained(served.model, served.tokenizer, [plan_.prompt], [plan_.grammar],
-                                      max_new_tokens=plan_.max_tokens, temperature=params.temperature,
-                                      top_p=params.top_p, stop=params.stop, streamer=streamer, cancel=cancel)[0]
     if cancel is not None and cancel():
-        raise Cancelled("cancelled during generation")
+        raise Cancelled("cancelled before generation")
+    gen = _submit(registry, served, plan_, params, streamer, cancel).result()
     return finish(served, plan_, gen.text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
 
 
@@ -238,37 +253,28 @@ class ContentSplitter:
 
 def stream_complete(registry: ModelRegistry, served: ServedModel, example: Example,
                     params: Params, cancel: Callable[[], bool] | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield ``("start", None)`` once the request is accepted, ``("content", delta)`` while the model
-    writes, then ``("done", Completion)``.
+    """Yield ``("start", None)`` once the request is accepted (in the model's batch or its queue),
+    ``("content", delta)`` while the model writes, then ``("done", Completion)``.
 
-    Generation runs in a thread feeding a `TextIteratorStreamer`; content reaches the client as it
-    is generated, tool calls when the turn is complete (they are parsed from the whole text).
+    The model's decode loop feeds a `TextIteratorStreamer`; content reaches the client as it is
+    generated, tool calls when the turn is complete (they are parsed from the whole text). Request
+    errors, the 429 of a full queue included, are raised before ``start``.
     """
     from transformers import TextIteratorStreamer
 
-    plan(served, example, params)  # raise request errors before the stream starts
-    yield "start", None
+    plan_ = plan(served, example, params)
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled before generation")
     streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    box: dict[str, Any] = {}
-
-    def work():
-        try:
-            box["completion"] = complete(registry, served, example, params, streamer=streamer, cancel=cancel)
-        except BaseException as err:  # re-raised in the consumer
-            box["error"] = err
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    splitter = ContentSplitter(parse_calls=bool(example.tools) and params.tool_choice != "none")
-    for piece in streamer:
+    ticket = _submit(registry, served, plan_, params, streamer, cancel)
+    yield "start", None
+    splitter = ContentSplitter(parse_calls=plan_.parse_calls)
+    for piece in streamer:  # ends when the request leaves the batch, however it leaves
         delta = splitter.feed(piece)
         if delta:
             yield "content", delta
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    completion: Completion = box["completion"]
+    gen = ticket.result()
+    completion = finish(served, plan_, gen.text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
     rest = splitter.rest(completion.message.content)
     if rest:
         yield "content", rest

@@ -2,13 +2,17 @@
 
 Owns `load_for_inference` (model + tokenizer + the prompt format saved with it; LoRA adapters are
 merged in memory and the weights cast to bf16, which CPUs with AVX-512 BF16 run several times faster
-than fp32) and `generate` (greedy or sampled decoding of many prompts, batched by length).
+than fp32), `generate` (greedy or sampled decoding of many prompts, batched by length) and
+`ContinuousDecoder` (the same continuous batching for requests that arrive while it runs, with
+settings per request: the server's decode loop, driven by `calltune.infer.scheduler`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -16,6 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from calltune.formats import load_format
 from calltune.models import load_model
 
+log = logging.getLogger(__name__)
 
 LogitsHook = Callable[[list[int], torch.Tensor, Optional[list[int]]], torch.Tensor]
 
@@ -27,7 +32,7 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end-of-turn) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (end-of-turn, stop string), "length" (max_new_tokens), "cancelled" (ContinuousDecoder)
 
 
 def inference_dtype() -> torch.dtype:
@@ -230,6 +235,21 @@ class SlotLayer(CacheLayerMixin):
         self._view()
         self.keys[:keep, :, :common] = old_keys[:keep, :, :common]
         self.values[:keep, :, :common] = old_values[:keep, :, :common]
+
+    def grow(self, max_width: int) -> None:
+        """Make room for widths up to `max_width` (new, larger storages), keeping every slot's keys and values;
+        nothing when there is room already."""
+        if max_width <= self.max_width:
+            return
+        old_keys, old_values = self.keys, self.values
+        rows, heads, dim = self._shape
+        size = rows * heads * max_width * dim
+        self._storage = [(torch.empty(size, dtype=old_keys.dtype, device=old_keys.device),
+                          torch.empty(size, dtype=old_keys.dtype, device=old_keys.device)) for _ in range(2)]
+        self._zeroed, self._current, self.max_width = [0, 0], 0, max_width
+        self._view()
+        self.keys.copy_(old_keys)
+        self.values.copy_(old_values)
 
     def fill(self, first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Copy prefilled (k, kv_heads, L, head_dim) keys and values into slots first..first+k-1, columns 0..L-1."""
@@ -444,6 +464,13 @@ def _choose(scores: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers that deprecate the old name) or
+    ``past_key_values`` (earlier 5.x releases, e.g. the range vLLM's CPU build pins)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _prefix_kwargs(prefix: "_SharedPrefix | None") -> dict:
     """Forward kwargs that hand the prompts' common prefix to `gqa_attention` (none without one)."""
     return {"calltune_prefix": prefix} if prefix is not None else {}
@@ -475,9 +502,11 @@ class _Decoder:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.cache_kw = _cache_kwarg(model)
         self.pending = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # pop() = longest
-        self.prefix, self.prefix_len = self._prefix_cache(prompts)
-        longest = max(len(p) for p in prompts) - self.prefix_len + max(max_new_tokens, 0)  # columns any row can need
+        self.prefix, self.prefix_len = self._prefix_cache(prompts) if prompts else (None, 0)
+        # Columns any row can need.
+        longest = max((len(p) for p in prompts), default=0) - self.prefix_len + max(max_new_tokens, 0)
         self.max_width = -(-longest // WIDTH_STEP) * WIDTH_STEP
         self.cache = Cache(layers=[SlotLayer() for _ in range(model.config.num_hidden_layers)])
         self.valid = torch.zeros((capacity, self.max_width), dtype=torch.bool, device=self.device)  # holds a token
@@ -504,14 +533,18 @@ class _Decoder:
         self._prefill_one(prompts[0][:shared], 0, cache, prefix=None)
         return _SharedPrefix((layer.keys, layer.values) for layer in cache.layers), shared
 
-    def _prefill_one(self, tokens: list[int], start: int, cache, prefix: "_SharedPrefix | None") -> None:
+    def _prefill_one(self, tokens: list[int], start: int, cache, prefix: "_SharedPrefix | None", **kwargs) -> None:
         """Run `tokens`, at positions start.., at batch size 1 into `cache` (a prefix to be shared), behind
-        the common `prefix` of all prompts (None while that one is computed)."""
+        the common `prefix` of all prompts (None while that one is computed); `kwargs` go to the forward."""
         n = len(tokens)
         self.model(input_ids=torch.tensor([tokens], device=self.device),
                    attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
                    position_ids=torch.arange(start, start + n, device=self.device)[None],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1, **_prefix_kwargs(prefix))
+                   use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}, **_prefix_kwargs(prefix), **kwargs)
+
+    def _forward_kwargs(self, rows: list[int]) -> dict:
+        """Extra forward kwargs for a batch of `rows` (prompt indices, in batch order); none here."""
+        return {}
 
     def _checked_forward(self, **inputs):
         """The model's forward on `inputs` with the common prefix, checking that every attention layer
@@ -546,34 +579,43 @@ class _Decoder:
             if self.max_new_tokens <= 0:
                 self._leave(list(range(len(self.rows))))
                 continue
-            scores = self.scores
-            if self.hook is not None:
-                last = None if all(t is None for t in self.last) else list(self.last)
-                scores = self.hook(list(self.rows), scores, last)
-            chosen = _choose(scores, self.temperature, self.top_p, self.generator)
-            tokens = chosen.tolist()
-            done = []
-            for slot, (row, token) in enumerate(zip(self.rows, tokens)):
-                self.last[slot] = token
-                if token == self.eos:
-                    self.finish[row] = "eos"
-                    done.append(slot)
-                    continue
-                self.new[row].append(token)
-                if self.stop and _hits_stop(self.tokenizer, self.new[row], self.stop):
-                    self.finish[row] = "stop"
-                    done.append(slot)
-                elif len(self.new[row]) >= self.max_new_tokens:
-                    done.append(slot)
-            if self.streamer is not None and self.finish[0] == "length" and self.new[0]:
-                self.streamer.put(chosen[:1].cpu())
-            if done:
-                chosen = chosen[self._leave(done)]
-            if self.rows:
-                self._step(chosen)
+            self._advance()
         if self.streamer is not None:
             self.streamer.end()
         return [self._result(i) for i in range(len(self.prompts))]
+
+    def _advance(self) -> None:
+        """Choose every live row's next token, retire the rows that finished, run a decode step for the rest."""
+        scores = self.scores
+        if self.hook is not None:
+            last = None if all(t is None for t in self.last) else list(self.last)
+            scores = self.hook(list(self.rows), scores, last)
+        chosen = self._pick(scores)
+        tokens = chosen.tolist()
+        done = [slot for slot, (row, token) in enumerate(zip(self.rows, tokens)) if self._take(slot, row, token)]
+        if self.streamer is not None and self.finish[0] == "length" and self.new[0]:
+            self.streamer.put(chosen[:1].cpu())
+        if done:
+            chosen = chosen[self._leave(done)]
+        if self.rows:
+            self._step(chosen)
+
+    def _pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """The (live,) next token of every row from its (live, vocab) scores."""
+        return _choose(scores, self.temperature, self.top_p, self.generator)
+
+    def _take(self, slot: int, row: int, token: int) -> bool:
+        """Record `token`, chosen by prompt `row` in `slot`; True when the row is finished (end-of-turn, a stop
+        string, or its token budget)."""
+        self.last[slot] = token
+        if token == self.eos:
+            self.finish[row] = "eos"
+            return True
+        self.new[row].append(token)
+        if self.stop and _hits_stop(self.tokenizer, self.new[row], self.stop):
+            self.finish[row] = "stop"
+            return True
+        return len(self.new[row]) >= self.max_new_tokens
 
     def _result(self, i: int) -> Generation:
         tokens, why = self.new[i], self.finish[i]
@@ -590,9 +632,12 @@ class _Decoder:
         They are prefilled in chunks of at most `PREFILL_ROWS` prompts of neighbouring lengths, each
         left-padded only to its own longest prompt."""
         rows = [self.pending.pop() for _ in range(k)]
-        first = len(self.rows)
-        for at in range(0, k, PREFILL_ROWS):
-            self._prefill_chunk(rows[at:at + PREFILL_ROWS], first + at)
+        for chunk in self._chunks(rows):
+            self._prefill_chunk(chunk, len(self.rows))
+
+    def _chunks(self, rows: list[int]) -> list[list[int]]:
+        """The joining `rows` split into the groups prefilled together: runs of at most `PREFILL_ROWS`."""
+        return [rows[at:at + PREFILL_ROWS] for at in range(0, len(rows), PREFILL_ROWS)]
 
     def _prefill_chunk(self, rows: list[int], first: int) -> None:
         """Prefill prompts `rows` into slots first.., after the live rows."""
@@ -604,7 +649,7 @@ class _Decoder:
         shared = _common_prefix(prompts)
         cache = DynamicCache(config=self.model.config)
         if shared:  # the prefix these prompts share once, at batch size 1, then repeated for every row
-            self._prefill_one(prompts[0][:shared], start, cache, self.prefix)
+            self._prefill_one(prompts[0][:shared], start, cache, self.prefix, **self._forward_kwargs(rows[:1]))
             if k > 1:
                 cache.batch_repeat_interleave(k)
         # The rest of each prompt, left-padded after the prefix: [prefix][pad...][rest].
@@ -617,7 +662,8 @@ class _Decoder:
         attention = torch.cat([torch.ones((k, shared), dtype=torch.long), rest_mask], dim=1).to(self.device)
         positions = (start + shared + rest_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
         out = self._checked_forward(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
-                                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                                    use_cache=True, logits_to_keep=1, **{self.cache_kw: cache},
+                                    **self._forward_kwargs(rows))
         if not self.cache.layers[0].is_initialized:
             for slot_layer, layer in zip(self.cache.layers, cache.layers):
                 slot_layer.allocate(self.capacity, self.max_width, layer.keys)
@@ -686,7 +732,8 @@ class _Decoder:
             layer.rows_live, layer.columns = n, columns
         out = self.model(input_ids=chosen[:, None], attention_mask=mask,
                          position_ids=torch.tensor(self.positions, device=self.device)[:, None],
-                         past_key_values=self.cache, use_cache=True, **_prefix_kwargs(self.prefix))
+                         use_cache=True, **{self.cache_kw: self.cache}, **_prefix_kwargs(self.prefix),
+                         **self._forward_kwargs(self.rows))
         self.scores = out.logits[:, -1]  # argmax needs no fp32 copy; sampling converts
         self.columns = [c + 1 for c in self.columns]
         self.positions = [p + 1 for p in self.positions]
@@ -696,3 +743,278 @@ def _hits_stop(tokenizer, tokens: list[int], stop: list[str]) -> bool:
     """Whether the decoded tail of `tokens` contains a stop string (checks only the last few tokens)."""
     tail = tokenizer.decode(tokens[-(max(map(len, stop)) + 8):], skip_special_tokens=True)
     return any(s in tail for s in stop)
+
+
+@dataclass
+class DecodeRequest:
+    """One prompt for a `ContinuousDecoder`, with its own settings (`generate`'s arguments, per row).
+
+    Attributes:
+        prompt: token ids, non-empty.
+        max_new_tokens: most tokens to generate (end-of-turn included).
+        done: called once, from the decoding thread, with the `Generation` when the row leaves
+            (finish_reason ``"cancelled"`` when `cancel` dropped it) or with the exception that stopped it.
+        temperature, top_p: as in `generate`; `seed` (sampling only) seeds a generator of this row's own,
+            so a seeded request samples the same tokens whatever shares its batch.
+        stop: strings that end the completion (cut from the text; finish_reason ``stop``).
+        logits_hook: ``hook(scores, last) -> scores`` on this row's (vocab,) scores, given the token it
+            chose at the previous step (None at its first); e.g. `calltune.infer.constrained.row_constraint`.
+        streamer: a transformers streamer (``put``/``end``, e.g. `TextIteratorStreamer`): the prompt, then
+            each token as it is chosen; ended when the row leaves, however it leaves.
+        cancel: polled before every decode step; once True the row leaves and its slot is free.
+        adapter: the PEFT adapter the row runs with (None: the base) when the model carries adapters.
+        tokenizer: decodes the text and gives end-of-turn (None: the decoder's).
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    done: Callable[[Generation | BaseException], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logits_hook: Callable[[torch.Tensor, Optional[int]], torch.Tensor] | None = None
+    streamer: Any = None
+    cancel: Callable[[], bool] | None = None
+    adapter: str | None = None
+    tokenizer: Any = None
+
+
+@dataclass
+class _Live:
+    """A `DecodeRequest` admitted to a `ContinuousDecoder`: the tokenizer, end-of-turn id and sampling
+    generator it runs with."""
+
+    request: DecodeRequest
+    tokenizer: Any
+    eos: int | None
+    generator: torch.Generator | None
+
+
+class ContinuousDecoder(_Decoder):
+    """`generate`'s continuous batching for requests that arrive while it runs (a server's decode loop).
+
+    One thread calls `serve`; any thread calls `submit`, which puts a `DecodeRequest` on a thread-safe
+    intake queue that the loop drains between decode steps. A request joins the running batch as soon
+    as a slot (of `capacity`) is free, oldest first, and leaves when it finishes; every row keeps its
+    own budget, sampling settings and generator, stop strings, logits hook (its grammar), streamer and
+    cancel callable. Rows that join together are prefilled together (left-padded, as in `generate`,
+    so a row's positions and greedy tokens are those it has alone). The cache grows to the longest
+    prompt plus budget that has joined. There is no prefix shared by every prompt (they are not
+    known in advance); prompts that join at once still share theirs.
+
+    On a PEFT model (`peft.PeftModel`: adapters not merged), each row runs with its request's `adapter`
+    (None: the base): every forward passes PEFT's ``adapter_names`` (its mixed-adapter batches,
+    LoRA only), and rows that join together are prefilled per adapter.
+
+    Attributes (read them from any thread): ``steps`` (decode steps run), ``max_live`` (most rows in
+    one step), ``row_steps`` (rows summed over steps), ``finished`` (requests that left).
+    """
+
+    def __init__(self, model, tokenizer, capacity: int):
+        import itertools
+        import queue
+
+        from peft import PeftModel
+
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        super().__init__(model, tokenizer, [], 0, capacity, 0.0, 1.0, [], None, None, None)
+        self.adapters = isinstance(model, PeftModel)  # a merged adapter leaves a plain model
+        self.hook = self._constrain
+        self.intake: queue.Queue[DecodeRequest | None] = queue.Queue()
+        self._ids = itertools.count()
+        self.steps = self.max_live = self.row_steps = self.finished = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        """Empty batch, cache and per-request state (at start, and after a failed step)."""
+        self.prompts: dict[int, list[int]] = {}
+        self.new: dict[int, list[int]] = {}
+        self.finish: dict[int, str] = {}
+        self.requests: dict[int, _Live] = {}
+        self.pending = []
+        self.rows, self.columns, self.positions, self.last = [], [], [], []
+        self.scores = None
+        self.cache = Cache(layers=[SlotLayer() for _ in range(self.model.config.num_hidden_layers)])
+        self.valid = torch.zeros((self.capacity, self.max_width), dtype=torch.bool, device=self.device)
+
+    def submit(self, request: DecodeRequest) -> None:
+        """Queue `request` for the decode loop (thread-safe; its `done` reports the outcome).
+
+        Raises:
+            ValueError: an empty prompt.
+        """
+        if not request.prompt:
+            raise ValueError("every prompt needs at least one token")
+        self.intake.put(request)
+
+    def wake(self) -> None:
+        """Make an idle `serve` look at its stop event now."""
+        self.intake.put(None)
+
+    def serve(self, stop) -> None:
+        """Decode until `stop` (a `threading.Event`) is set, then end every request left as cancelled.
+
+        A step that raises (a bug, out of memory) fails the requests in the batch and waiting with that
+        error and starts afresh; the loop goes on.
+        """
+        with torch.inference_mode():  # thread-local: set in the decoding thread itself
+            try:
+                while not stop.is_set():
+                    try:
+                        self._intake(wait=not self.rows and not self.pending)
+                        self._drop_cancelled()
+                        free = self.capacity - len(self.rows)
+                        if self.pending and free:
+                            self._join(min(free, len(self.pending)))
+                        if self.rows:
+                            self.steps += 1
+                            self.max_live = max(self.max_live, len(self.rows))
+                            self.row_steps += len(self.rows)
+                            self._advance()
+                    except Exception as err:  # every request admitted learns of it; later ones get a fresh batch
+                        log.exception("decode step failed; failing the %d requests admitted", len(self.requests))
+                        for row in list(self.requests):
+                            self._end(row, err)
+                        self._reset()
+            finally:
+                self._intake(wait=False)
+                for row in list(self.requests):
+                    self._end(row, "cancelled")
+                self._reset()
+
+    def _intake(self, wait: bool) -> None:
+        """Admit every queued request (waiting up to half a second for one when `wait`)."""
+        import queue
+
+        try:
+            item = self.intake.get(timeout=0.5) if wait else self.intake.get_nowait()
+            while True:
+                if item is not None:
+                    self._admit(item)
+                item = self.intake.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self, request: DecodeRequest) -> None:
+        i = next(self._ids)
+        tokenizer = request.tokenizer or self.tokenizer
+        generator = None
+        if request.seed is not None and request.temperature > 0:
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        self.requests[i] = _Live(request, tokenizer, tokenizer.eos_token_id, generator)
+        self.prompts[i], self.new[i], self.finish[i] = request.prompt, [], "length"
+        if request.streamer is not None:
+            request.streamer.put(torch.tensor([request.prompt]))
+        if request.max_new_tokens <= 0:
+            self._end(i)
+        else:
+            self.pending.insert(0, i)  # pop() takes the oldest
+
+    def _cancelled(self, row: int) -> bool:
+        cancel = self.requests[row].request.cancel
+        return cancel is not None and bool(cancel())
+
+    def _drop_cancelled(self) -> None:
+        """Take the rows whose request was cancelled out of the batch and the waiting list."""
+        gone = [slot for slot, row in enumerate(self.rows) if self._cancelled(row)]
+        for slot in gone:
+            self._end(self.rows[slot], "cancelled")
+        if gone:
+            _Decoder._leave(self, gone)
+        for row in [row for row in self.pending if self._cancelled(row)]:
+            self.pending.remove(row)
+            self._end(row, "cancelled")
+
+    def _end(self, row: int, outcome: str | BaseException | None = None) -> None:
+        """Report `row`'s outcome to its request and forget it: its `Generation` (finish_reason
+        ``"cancelled"`` when `outcome` says so) or the exception `outcome`."""
+        live = self.requests.get(row)
+        if live is None:  # already reported
+            return
+        result: Generation | BaseException = outcome if isinstance(outcome, BaseException) else self._result(row)
+        if outcome == "cancelled":
+            result.finish_reason = "cancelled"
+        for state in (self.requests, self.prompts, self.new, self.finish):
+            del state[row]
+        self.finished += 1
+        if live.request.streamer is not None:
+            live.request.streamer.end()
+        live.request.done(result)
+
+    def _leave(self, done: list[int]) -> torch.Tensor:
+        for slot in done:
+            self._end(self.rows[slot])
+        return super()._leave(done)
+
+    def _chunks(self, rows: list[int]) -> list[list[int]]:
+        """Rows of one adapter are prefilled together (their shared prompt prefix is the same keys only then)."""
+        if not self.adapters:
+            return super()._chunks(rows)
+        groups: dict[str | None, list[int]] = {}
+        for row in rows:
+            groups.setdefault(self.requests[row].request.adapter, []).append(row)
+        return [chunk for group in groups.values() for chunk in _Decoder._chunks(self, group)]
+
+    def _prefill_chunk(self, rows: list[int], first: int) -> None:
+        # Columns the chunk's rows can reach: the longest prompt (all are padded to it) plus the largest budget.
+        self._reserve(max(len(self.prompts[r]) for r in rows) + max(self.requests[r].request.max_new_tokens
+                                                                    for r in rows))
+        super()._prefill_chunk(rows, first)
+
+    def _reserve(self, columns: int) -> None:
+        """Make the cache and the token mask hold `columns` columns per slot (grown, never shrunk)."""
+        width = -(-columns // WIDTH_STEP) * WIDTH_STEP
+        if width <= self.max_width:
+            return
+        if self.cache.layers[0].is_initialized:
+            for layer in self.cache.layers:
+                layer.grow(width)
+        valid = torch.zeros((self.capacity, width), dtype=torch.bool, device=self.device)
+        valid[:, :self.max_width] = self.valid
+        self.valid, self.max_width = valid, width
+
+    def _forward_kwargs(self, rows: list[int]) -> dict:
+        if not self.adapters:
+            return {}
+        return {"adapter_names": [self.requests[r].request.adapter or "__base__" for r in rows]}
+
+    def _constrain(self, rows: list[int], scores: torch.Tensor, last: list[int | None] | None) -> torch.Tensor:
+        """The `generate` logits hook that applies each row's own hook to its scores."""
+        for slot, row in enumerate(rows):
+            hook = self.requests[row].request.logits_hook
+            if hook is not None:
+                scores[slot] = hook(scores[slot], None if last is None else last[slot])
+        return scores
+
+    def _pick(self, scores: torch.Tensor) -> torch.Tensor:
+        chosen = scores.max(dim=-1).indices  # greedy rows; sampled rows are drawn below, each with its generator
+        for slot, row in enumerate(self.rows):
+            live = self.requests[row]
+            if live.request.temperature > 0:
+                chosen[slot] = _choose(scores[slot:slot + 1], live.request.temperature, live.request.top_p,
+                                       live.generator)[0]
+        return chosen
+
+    def _take(self, slot: int, row: int, token: int) -> bool:
+        self.last[slot] = token
+        live = self.requests[row]
+        if token == live.eos:
+            self.finish[row] = "eos"
+            return True
+        self.new[row].append(token)
+        if live.request.stop and _hits_stop(live.tokenizer, self.new[row], live.request.stop):
+            self.finish[row] = "stop"
+            return True
+        if live.request.streamer is not None:
+            live.request.streamer.put(torch.tensor([token]))
+        return len(self.new[row]) >= live.request.max_new_tokens
+
+    def _result(self, i: int) -> Generation:
+        live, tokens, why = self.requests[i], self.new[i], self.finish[i]
+        text = live.tokenizer.decode(tokens, skip_special_tokens=True)
+        if why == "stop":
+            text = text[:min(j for j in (text.find(s) for s in live.request.stop) if j >= 0)]
+        return Generation(text=text, prompt_tokens=len(self.prompts[i]), completion_tokens=len(tokens) + (why == "eos"),
+                          finish_reason="length" if why == "length" else "stop")

@@ -3,13 +3,15 @@
 Owns `ModelRegistry`, built from ``{served name: model}`` (alias, folder, LoRA adapter folder, .gguf
 or hub id; see `calltune.models.resolve_model`). Every base is loaded once; the adapters on it are
 attached with PEFT (`PeftModel.from_pretrained`, then `load_adapter` for the rest) and picked per
-request with `set_adapter` (the base itself through `disable_adapter`). A base with exactly one
+request by name (PEFT's ``adapter_names``; the base itself is ``__base__``). A base with exactly one
 adapter and no other user is merged in memory instead, which generates faster. Weights are cast to
 the inference dtype (bf16 where the CPU has it, as in `calltune.infer.generate.load_for_inference`).
 
-Generation mutates shared state (the active adapter, the KV cache buffers), so requests take
-`registry.lock` around it (`registry.use(served)`): one generation at a time. `add` serves one more
-model while the server runs (a fine-tuning job's result).
+Each loaded model gets one `calltune.infer.scheduler.BatchScheduler` (`scheduler(served)`, made on
+first use): its decode loop is the only code that runs the model, and the requests of every name on
+that model -- the base and its adapters -- share its batch, each row with its own adapter.
+`max_batch` and `max_queue` bound every scheduler. `add` serves one more model while the server
+runs (a fine-tuning job's result); `close` stops the decode loops.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from calltune.errors import CalltuneError
 from calltune.formats import PromptFormat, get_format, load_format
 from calltune.infer.generate import fast_decode_linears, inference_dtype
 from calltune.models import is_adapter, load_model, load_tokenizer, resolve_model
@@ -36,8 +38,8 @@ class ServedModel:
     """One name the server answers to: the (possibly shared) model, its tokenizer and prompt format.
 
     `fmt` is the format saved with the model (hermes if it has none). `adapter` is the PEFT adapter
-    name to activate, or None; `base_of_adapters` is True for a base model that also carries adapters
-    (they are disabled while it generates).
+    name its rows run with, or None; `base_of_adapters` is True for a base model that also carries
+    adapters (its rows run with none of them).
     """
 
     name: str
@@ -60,12 +62,30 @@ def _adapter_base(path: str) -> str:
 
 
 class ModelRegistry:
-    """Load `models` (``{name: model}``) once; look them up by name; serialise generation."""
+    """Load `models` (``{name: model}``) once; look them up by name; give each loaded model its batch scheduler.
 
-    def __init__(self, models: dict[str, str], dtype: torch.dtype | None = None, allow_empty: bool = False):
+    Args:
+        dtype: weights' dtype (default `inference_dtype`).
+        allow_empty: no models yet (a fine-tuning server adds them).
+        max_batch: most requests decoding at once per loaded model (`BatchScheduler`).
+        max_queue: most requests waiting per loaded model before more are refused (default 4 * max_batch).
+
+    Raises:
+        CalltuneError: no models (without `allow_empty`); max_batch below 1 or max_queue below 0.
+    """
+
+    def __init__(self, models: dict[str, str], dtype: torch.dtype | None = None, allow_empty: bool = False,
+                 max_batch: int = 8, max_queue: int | None = None):
         if not models and not allow_empty:
-            raise ValueError("give at least one model to serve (--model NAME=PATH)")
-        self.lock = threading.Lock()
+            raise CalltuneError("give at least one model to serve (--model NAME=PATH)")
+        if max_batch < 1:
+            raise CalltuneError(f"max_batch (--max-batch) must be at least 1, got {max_batch}")
+        if max_queue is not None and max_queue < 0:
+            raise CalltuneError(f"max_queue (--max-queue) must be at least 0, got {max_queue}")
+        self.max_batch = max_batch
+        self.max_queue = 4 * max_batch if max_queue is None else max_queue
+        self.lock = threading.Lock()  # guards `models` and `_schedulers`
+        self._schedulers: dict[int, Any] = {}  # id(loaded model) -> its BatchScheduler
         self.models: dict[str, ServedModel] = {}
         dtype = self.dtype = dtype or inference_dtype()
         resolved = {name: resolve_model(path) for name, path in models.items()}
@@ -105,12 +125,13 @@ class ModelRegistry:
         models already served keep answering while it loads.
 
         Raises:
-            ValueError: `name` is already served. ModelNotFound: `path` names no model.
+            CalltuneError: `name` is already served. ModelNotFound: `path` names no model.
         """
         if name in self.models:
-            raise ValueError(f"a model named {name!r} is already served")
+            raise CalltuneError(f"a model named {name!r} is already served")
         served = ModelRegistry({name: path}, dtype=self.dtype).models[name]
-        self.models[name] = served
+        with self.lock:
+            self.models[name] = served
         return served
 
     def names(self) -> list[str]:
@@ -119,11 +140,26 @@ class ModelRegistry:
     def get(self, name: str) -> ServedModel | None:
         return self.models.get(name)
 
-    @contextmanager
-    def use(self, served: ServedModel) -> Iterator[ServedModel]:
-        """Hold the inference lock with `served`'s adapter active (or all adapters off for a base)."""
+    def scheduler(self, served: ServedModel):
+        """The `calltune.infer.scheduler.BatchScheduler` of `served`'s loaded model (started on first use);
+        names that share a loaded model share it."""
+        from calltune.infer.scheduler import BatchScheduler
+
         with self.lock:
-            if served.adapter is not None:
-                served.model.set_adapter(served.adapter)
-            with served.model.disable_adapter() if served.base_of_adapters else nullcontext():
-                yield served
+            key = id(served.model)
+            if key not in self._schedulers:
+                self._schedulers[key] = BatchScheduler(served.model, served.tokenizer, self.max_batch, self.max_queue,
+                                                       name=served.name)
+            return self._schedulers[key]
+
+    def most_requests(self) -> int:
+        """Most requests in flight (running and waiting) over every loaded model's scheduler."""
+        loaded = len({id(served.model) for served in list(self.models.values())})
+        return loaded * (self.max_batch + self.max_queue)
+
+    def close(self) -> None:
+        """Stop every decode loop (their requests end as cancelled)."""
+        with self.lock:
+            schedulers, self._schedulers = list(self._schedulers.values()), {}
+        for scheduler in schedulers:
+            scheduler.close()

@@ -6,15 +6,17 @@ added to the served models at once.
 
 Owns `create_app` (the app for a set of models) and `run` (uvicorn). Requests are validated by
 `calltune.serve.protocol` (types, then `check_request`'s bounds and rules), rendered and parsed by
-each model's saved prompt format through `calltune.infer.engine`, and generated one at a time under
-the registry's lock. A generation stops at the next decode step when its client disconnects or the
-server is asked to stop (SIGTERM, Ctrl-C).
+each model's saved prompt format through `calltune.infer.engine`, and generated in their model's
+continuous batch (`calltune.infer.scheduler.BatchScheduler`, one decode loop per loaded model):
+concurrent requests decode together, up to `max_batch` at once with `max_queue` more waiting, each
+joining as a slot frees and leaving when done. A request leaves the batch at the next decode step
+when its client disconnects or the server is asked to stop (SIGTERM, Ctrl-C).
 
 Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 request that does not validate (including malformed JSON and a prompt longer than the context), 401
 without the API key (every route but ``/health``, which says only "ok"), 404 for an unknown model or
-route, 413 for a body over `Limits.max_body_bytes`, 500 (message only, the traceback goes to the
-server log) for a bug.
+route, 413 for a body over `Limits.max_body_bytes`, 429 with ``Retry-After`` (seconds) when the
+model's batch and queue are full, 500 (message only, the traceback goes to the server log) for a bug.
 
 Streaming (``stream: true``) sends server-sent events: a first chunk with the role, content deltas as
 the model writes them, then each tool call (index, id, name, then its arguments) once the turn is
@@ -129,8 +131,10 @@ class ApiKey:
 
 
 def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = None, constrained: bool = True,
-               default_max_tokens: int = 512, limits: Limits | None = None, jobs=None) -> FastAPI:
-    """The server app for `models` (``{name: model}`` or a loaded `ModelRegistry`).
+               default_max_tokens: int = 512, limits: Limits | None = None, jobs=None, max_batch: int = 8,
+               max_queue: int | None = None) -> FastAPI:
+    """The server app for `models` (``{name: model}`` or a loaded `ModelRegistry`, which keeps its own
+    batch bounds; the app stops the decode loops of a registry it made when it shuts down).
 
     Args:
         api_key: when set, every request but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
@@ -141,11 +145,15 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
         limits: bounds on each request (`Limits`' defaults if None).
         jobs: a `calltune.serve.jobs.FineTuning`: serve its files and fine-tuning routes too (then
             `models` may be empty); uploads get its `max_upload_bytes` instead of the body limit.
+        max_batch: most requests decoding at once per loaded model.
+        max_queue: most requests waiting for a slot per loaded model (default 4 * max_batch); beyond it, 429.
 
     ``app.state.stopping`` (a `threading.Event`): set it to stop every running generation at its
     next step and refuse new ones (`run` sets it on SIGTERM and Ctrl-C).
     """
-    registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models, allow_empty=jobs is not None)
+    own = not isinstance(models, ModelRegistry)
+    registry = ModelRegistry(models, allow_empty=jobs is not None, max_batch=max_batch,
+                             max_queue=max_queue) if own else models
     if constrained and not cd.available():
         log.warning("llguidance is not installed: serving without constrained decoding "
                     "(pip install 'calltune[serve]')")
@@ -166,10 +174,13 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
         message, param = _validation_message(err)
         return JSONResponse(error_body(message, param=param), status_code=400)
 
+    if own:
+        app.router.add_event_handler("shutdown", registry.close)
+
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, err: RequestError):
         return JSONResponse(error_body(err.message, type=err.type, param=err.param, code=err.code),
-                            status_code=err.status)
+                            status_code=err.status, headers=err.headers)
 
     @app.exception_handler(engine.Cancelled)
     async def on_cancelled(request: Request, err: engine.Cancelled):
@@ -215,6 +226,7 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
         served = _served(body.model)
         if app.state.stopping.is_set():
             raise RequestError("The server is shutting down.", status=503, type="server_error", code="shutting_down")
+        _room_for_waiting_requests(registry)
         left = threading.Event()  # the client disconnected
 
         def cancelled() -> bool:
@@ -244,6 +256,15 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
                         total_tokens=done.prompt_tokens + done.completion_tokens))
 
     return app
+
+
+def _room_for_waiting_requests(registry: ModelRegistry) -> None:
+    """Let anyio's worker threads (40 by default) cover every request that may be in flight, each
+    waiting in one for its turn in a batch, plus 40 for everything else (streamed chunks, uploads)."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    wanted = 40 + registry.most_requests()
+    if limiter.total_tokens < wanted:
+        limiter.total_tokens = wanted
 
 
 async def _watching(request: Request, left: threading.Event, work):
@@ -325,13 +346,15 @@ def _sse(cid: str, created: int, model: str, events: Iterator, include_usage: bo
 
 
 def run(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        constrained: bool = True, default_max_tokens: int = 512, limits: Limits | None = None, jobs=None) -> None:
+        constrained: bool = True, default_max_tokens: int = 512, limits: Limits | None = None, jobs=None,
+        max_batch: int = 8, max_queue: int | None = None) -> None:
     """Load `models` and serve them with uvicorn until SIGTERM or Ctrl-C, which stop running
-    generations at their next step, so the server exits within seconds. `jobs`: as in `create_app`."""
+    generations at their next step, so the server exits within seconds. `jobs`, `max_batch`,
+    `max_queue`: as in `create_app`."""
     import uvicorn
 
     app = create_app(models, api_key=api_key, constrained=constrained, default_max_tokens=default_max_tokens,
-                     limits=limits, jobs=jobs)
+                     limits=limits, jobs=jobs, max_batch=max_batch, max_queue=max_queue)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

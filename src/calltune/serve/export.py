@@ -2,24 +2,41 @@
 
 Owns `export_hf` (a LoRA adapter merged into its base; a full model copied as safetensors) and
 `export_gguf`, which runs llama.cpp's own converter (``convert_hf_to_gguf.py``, the maintained one;
-its architecture tables move with llama.cpp) on the merged model. calltune does not vendor the
-converter: it is found through ``--converter``, ``$LLAMA_CPP_DIR`` or ``PATH``, and when it is missing
-`ConverterNotFound` says exactly what to run instead.
+its architecture tables move with llama.cpp) on the merged model. The converter is found through
+``--converter``, ``$LLAMA_CPP_DIR`` or ``PATH``; failing those, `fetch_converter` takes it from the
+source distribution of ``llama-cpp-python`` on PyPI (which vendors llama.cpp under
+``vendor/llama.cpp/``) and caches it under ``$CALLTUNE_HOME/llama.cpp/``. The GGUF carries the chat
+template of the model's saved tokenizer as ``tokenizer.chat_template`` (the converter copies it).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from calltune.models import is_adapter, resolve_model
+from calltune.errors import CalltuneError
+from calltune.models import calltune_home, is_adapter, resolve_model
 
 CONVERTER = "convert_hf_to_gguf.py"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
+LLAMA_CPP_PYTHON = "0.3.36"  # checked: converts SmolLM2 (Llama) as transformers 5 saves it (rope in `rope_parameters`)
+# what the converter needs from the sdist's vendor/llama.cpp/: itself, its model classes, its own gguf
+# package, and the chat templates some model classes read; files, then folders
+_SDIST_ROOT = "vendor/llama.cpp/"
+_SDIST_FILES = (CONVERTER, "LICENSE")
+_SDIST_DIRS = ("conversion/", "gguf-py/gguf/", "models/templates/", "requirements/")
+# import name -> PyPI name, for the converter's requirements whose names differ
+_PIP_NAMES = {"yaml": "pyyaml", "google": "protobuf"}
+
+log = logging.getLogger(__name__)
 
 
 class ConverterNotFound(FileNotFoundError):
@@ -45,15 +62,100 @@ def export_hf(model: str, output: str | Path) -> Path:
     return output
 
 
-def find_converter(converter: str | Path | None = None) -> Path:
-    """llama.cpp's converter: `converter`, ``$LLAMA_CPP_DIR/convert_hf_to_gguf.py``, or on ``PATH``.
+def _manual_steps() -> str:
+    return ("  git clone --depth 1 https://github.com/ggml-org/llama.cpp\n"
+            "  pip install -r llama.cpp/requirements/requirements-convert_hf_to_gguf.txt\n"
+            "  calltune export MODEL --format gguf -o model.gguf --converter llama.cpp/convert_hf_to_gguf.py")
+
+
+def converter_cache(version: str = LLAMA_CPP_PYTHON, cache_dir: str | Path | None = None) -> Path:
+    """The folder that holds (or will hold) the converter of ``llama-cpp-python==version``:
+    ``cache_dir/llama-cpp-python-VERSION``, `cache_dir` defaulting to ``$CALLTUNE_HOME/llama.cpp``."""
+    return Path(cache_dir or calltune_home() / "llama.cpp") / f"llama-cpp-python-{version}"
+
+
+def _extract_converter(sdist: Path, dest: Path) -> None:
+    """Copy the converter's files (`_SDIST_FILES`, `_SDIST_DIRS`) out of the sdist's vendor/llama.cpp/ into `dest`."""
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar:
+            top, sep, rel = member.name.partition("/" + _SDIST_ROOT)
+            if not sep or "/" in top or not member.isfile() or ".." in PurePosixPath(rel).parts:
+                continue
+            if rel in _SDIST_FILES or rel.startswith(_SDIST_DIRS):
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+    if not (dest / CONVERTER).is_file():
+        raise ConverterNotFound(f"{sdist.name} has no {_SDIST_ROOT}{CONVERTER}; pin another llama-cpp-python version")
+
+
+def fetch_converter(version: str = LLAMA_CPP_PYTHON, cache_dir: str | Path | None = None) -> Path:
+    """llama.cpp's converter from the ``llama-cpp-python==version`` sdist on PyPI, downloaded once.
+
+    Runs ``python -m pip download --no-deps --no-binary :all:`` (so pip's index settings apply), keeps
+    only the converter, its ``conversion/`` package, the vendored ``gguf-py/gguf`` it was written
+    against and ``models/templates/`` (a few MB of the ~75 MB sdist) in `converter_cache`, and
+    deletes the download. Later calls return the cached script without running pip.
+
+    Returns:
+        The cached ``convert_hf_to_gguf.py``.
 
     Raises:
-        ConverterNotFound: none of those exists; the message gives the commands to get it.
+        ConverterNotFound: pip could not fetch the sdist (offline, no PyPI); the message gives pip's
+            error and the commands that get the converter by hand.
     """
-    candidates = []
+    target = converter_cache(version, cache_dir)
+    script = target / CONVERTER
+    if script.is_file():
+        return script
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("llama.cpp's %s is not cached: downloading the llama-cpp-python==%s source (~75 MB) "
+                "with pip into %s", CONVERTER, version, target)
+    # staged next to the cache and renamed, so an interrupted download never leaves a half-written cache
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--dest", str(Path(tmp) / "sdist"), f"llama-cpp-python=={version}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        sdists = sorted((Path(tmp) / "sdist").glob("llama_cpp_python-*.tar.gz"))
+        if done.returncode != 0 or not sdists:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
+            raise ConverterNotFound(
+                f"GGUF export needs llama.cpp's {CONVERTER}, which calltune takes from the llama-cpp-python "
+                f"source on PyPI, but `python -m pip download --no-deps --no-binary :all: llama-cpp-python=={version}` "
+                f"failed (exit {done.returncode}):\n{tail}\n"
+                f"Rerun where pip reaches PyPI (pip's own settings, e.g. PIP_INDEX_URL, apply), or get the converter "
+                f"by hand:\n{_manual_steps()}")
+        staging = Path(tmp) / "llama.cpp"
+        _extract_converter(sdists[0], staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not script.is_file():  # not a concurrent fetch that finished first
+                raise
+    return script
+
+
+def find_converter(converter: str | Path | None = None) -> Path:
+    """llama.cpp's ``convert_hf_to_gguf.py``, looked for in this order:
+
+    1. `converter`, when given (it must exist);
+    2. ``$LLAMA_CPP_DIR/convert_hf_to_gguf.py``;
+    3. ``convert_hf_to_gguf.py`` or ``convert-hf-to-gguf`` on ``PATH``;
+    4. `fetch_converter`: the copy cached from the ``llama-cpp-python`` sdist (version
+       `LLAMA_CPP_PYTHON`), downloaded with pip on first use.
+
+    Raises:
+        ConverterNotFound: `converter` does not exist, or nothing was found and the download failed;
+            the message gives the commands to get it.
+    """
     if converter:
-        candidates.append(Path(converter))
+        if Path(converter).is_file():
+            return Path(converter)
+        raise ConverterNotFound(
+            f"--converter {converter} does not exist. Leave --converter out to let calltune fetch llama.cpp's "
+            f"{CONVERTER} from PyPI (the llama-cpp-python=={LLAMA_CPP_PYTHON} source), or get it by hand:\n"
+            f"{_manual_steps()}")
+    candidates = []
     if os.environ.get("LLAMA_CPP_DIR"):
         candidates.append(Path(os.environ["LLAMA_CPP_DIR"]) / CONVERTER)
     for name in (CONVERTER, "convert-hf-to-gguf"):
@@ -63,35 +165,72 @@ def find_converter(converter: str | Path | None = None) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    tried = ", ".join(str(c) for c in candidates) or "nothing given"
-    raise ConverterNotFound(
-        f"GGUF export needs llama.cpp's {CONVERTER} (tried: {tried}). Get it and rerun with --converter:\n"
-        "  git clone --depth 1 https://github.com/ggml-org/llama.cpp\n"
-        "  pip install -r llama.cpp/requirements/requirements-convert_hf_to_gguf.txt\n"
-        "  calltune export MODEL --format gguf -o model.gguf --converter llama.cpp/convert_hf_to_gguf.py\n"
-        "or convert by hand: `calltune export MODEL --format hf -o merged` then "
-        "`python llama.cpp/convert_hf_to_gguf.py merged --outfile model.gguf --outtype q8_0`.")
+    return fetch_converter()
+
+
+def _converter_env(script: Path) -> dict[str, str]:
+    """The environment of the converter: the gguf-py shipped beside it first on ``PYTHONPATH``
+    (the installed ``gguf`` package may be older or newer than the one the converter was written for)."""
+    env = dict(os.environ)
+    local = script.parent / "gguf-py"
+    if local.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join([str(local)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def _failure(cmd: list[str], done: subprocess.CompletedProcess, script: Path) -> RuntimeError:
+    """The error for a failed conversion: a missing requirement by name, else the converter's last lines."""
+    output = (done.stderr or "") + (done.stdout or "")
+    missing = re.search(r"No module named '([\w.]+)'", output)
+    if missing:
+        module = missing.group(1).split(".")[0]
+        name = _PIP_NAMES.get(module, module)
+        requirements = script.parent / "requirements" / "requirements-convert_hf_to_gguf.txt"
+        where = f" (its requirements: {requirements})" if requirements.is_file() else ""
+        return RuntimeError(f"llama.cpp's converter needs the Python package {name!r}{where}: run `pip install {name}`")
+    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+    return RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{tail}")
+
+
+def _check_chat_template(folder: Path) -> None:
+    """Refuse a folder whose two chat templates disagree: transformers reads ``chat_template.jinja`` first,
+    llama.cpp's converter ``tokenizer_config.json``'s ``chat_template`` first, so the GGUF would carry the other."""
+    config, jinja = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    if not (config.is_file() and jinja.is_file()):
+        return
+    stale = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(stale, str) and stale != jinja.read_text(encoding="utf-8"):
+        raise CalltuneError(f"{config} has a chat_template that differs from {jinja}, which transformers uses; "
+                         f"llama.cpp's converter would embed the one in {config.name}: delete that field, or make "
+                         "the two equal")
 
 
 def export_gguf(model: str, output: str | Path, outtype: str = "q8_0", converter: str | Path | None = None) -> Path:
     """Convert `model` (merged first if it is a LoRA adapter) to one GGUF file with llama.cpp's converter.
 
+    `outtype` is the converter's ``--outtype`` (`OUTTYPES`): ``f32``/``f16``/``bf16`` keep the weights
+    (bf16 exactly when the model is stored in bf16), ``q8_0`` quantises them to 8 bits, ``auto`` picks
+    from the stored dtype. The model's tokenizer chat template becomes ``tokenizer.chat_template``.
+
     Raises:
-        ConverterNotFound: see `find_converter` (checked before anything is merged).
-        ValueError: unknown `outtype`.
-        RuntimeError: the converter failed (its output is in the message).
+        ConverterNotFound: see `find_converter` (checked, and fetched if needed, before anything is merged).
+        ValueError: unknown `outtype`; a folder whose tokenizer_config.json and chat_template.jinja hold
+            different chat templates.
+        RuntimeError: the converter failed (a missing Python package by name, else its output).
     """
     if outtype not in OUTTYPES:
-        raise ValueError(f"unknown GGUF outtype {outtype!r}; choices: {', '.join(OUTTYPES)}")
+        raise CalltuneError(f"unknown GGUF outtype {outtype!r}; choices: {', '.join(OUTTYPES)}")
     script = find_converter(converter)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     path = resolve_model(model)
     with tempfile.TemporaryDirectory(prefix="calltune-export-") as tmp:
-        source = Path(export_hf(path, Path(tmp) / "merged")) if is_adapter(path) else Path(path)
+        # the converter reads a local folder of full weights: merge an adapter, save a hub model
+        local = Path(path).is_dir() and not is_adapter(path)
+        source = Path(path) if local else Path(export_hf(path, Path(tmp) / "merged"))
+        _check_chat_template(source)
         cmd = [sys.executable, str(script), str(source), "--outfile", str(output), "--outtype", outtype]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_converter_env(script))
     if done.returncode != 0 or not output.exists():
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{tail}")
+        raise _failure(cmd, done, script)
     return output

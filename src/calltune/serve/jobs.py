@@ -54,6 +54,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from calltune.errors import CalltuneError
 from calltune.infer.engine import RequestError
 from calltune.serve.jobstore import ACTIVE, JobStore, new_id, now
 from calltune.serve.worker import Supervisor, _ft_name
@@ -200,12 +201,12 @@ class FineTuning:
     def __init__(self, data_dir: str | Path, allowed_bases: dict[str, str], max_upload_bytes: int = 256 * 2 ** 20,
                  fetch_timeout: float = 30.0, grace: float = 10.0):
         if not allowed_bases:
-            raise ValueError("the fine-tuning service needs at least one base model jobs may use (--allow-base NAME)")
+            raise CalltuneError("the fine-tuning service needs at least one base model jobs may use (--allow-base NAME)")
         from calltune.models import _HUB_ID, ALIASES
 
         for name, model in allowed_bases.items():
             if not (model in ALIASES or Path(model).exists() or _HUB_ID.match(model)):
-                raise ValueError(f"--allow-base {name}: {model!r} is not a built-in alias ({', '.join(ALIASES)}), "
+                raise CalltuneError(f"--allow-base {name}: {model!r} is not a built-in alias ({', '.join(ALIASES)}), "
                                  "an existing folder or a hub id")
         self.store = JobStore(data_dir)
         self.allowed = dict(allowed_bases)

@@ -16,10 +16,10 @@ when its server does (it polls its parent), so a killed server leaves no orphan 
 
 Durability: when the server starts, a job still ``running`` (the server died under it) is resumed
 from its last complete checkpoint (one with ``trainer_state.json``, HF Trainer's
-``resume_from_checkpoint``; checkpoints hold the weights only, ``save_only_model``, so the optimizer
-state starts afresh), finished if its run had already completed, or marked ``failed`` with the reason
-when it saved no checkpoint. Queued jobs stay queued. A server stopped with SIGTERM leaves its
-running job the same way, to be resumed at the next start.
+``resume_from_checkpoint``; checkpoints hold the weights, optimizer, scheduler, RNG and data-order
+state, so training ends as an uninterrupted run would), finished if its run had already completed, or
+marked ``failed`` with the reason when it saved no checkpoint. Queued jobs stay queued. A server stopped
+with SIGTERM leaves its running job the same way, to be resumed at the next start.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import difflib
 from pathlib import Path
 from typing import Callable
 
+from calltune.errors import CalltuneError
 from calltune.schema import Example
 from calltune.sources.base import Rejects, SourceError, read_table
 from calltune.sources.glaive import load_glaive
@@ -55,7 +56,7 @@ def load_source(name: str, path_or_id: str | Path, split: str = "train", rejects
     if name not in SOURCES:
         close = difflib.get_close_matches(name, SOURCES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown source {name!r}.{hint} Choices: {', '.join(sorted(SOURCES))}")
+        raise CalltuneError(f"unknown source {name!r}.{hint} Choices: {', '.join(sorted(SOURCES))}")
     return SOURCES[name](path_or_id, split=split, rejects=rejects, limit=limit)
 
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from calltune.errors import CalltuneError
 
-class SourceError(ValueError):
+
+class SourceError(CalltuneError):
     """A dataset file is not what its source expects. The message names the file, row and field."""
 
     def __init__(self, where: str, row: int | None, field_name: str | None, problem: str):

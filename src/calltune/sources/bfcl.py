@@ -58,6 +58,7 @@ from importlib import metadata, resources, util
 from pathlib import Path
 from typing import Any
 
+from calltune.errors import CalltuneError
 from calltune.schema import Example, FunctionSpec, Message, SchemaError, Tool, ToolCall
 from calltune.sources.base import Rejects, SourceError
 
@@ -152,7 +153,7 @@ def _resolve(category: str) -> str:
     if category not in CATEGORIES:
         close = difflib.get_close_matches(category, list(CATEGORIES) + list(ALIASES), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown BFCL category {category!r}.{hint} Choices: {', '.join(CATEGORIES)}")
+        raise CalltuneError(f"unknown BFCL category {category!r}.{hint} Choices: {', '.join(CATEGORIES)}")
     return category
 
 

@@ -23,11 +23,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from calltune.errors import CalltuneError
 from calltune.schema import Example, Function, FunctionSpec, SchemaError, Tool, ToolCall
 from calltune.sources.base import Rejects, SourceError, read_table, read_text
 
 
-class RowError(ValueError):
+class RowError(CalltuneError):
     """One row cannot be used. The message is the reject reason: ``"kind: detail"``."""
 
 

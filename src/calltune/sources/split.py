@@ -20,6 +20,7 @@ import random
 from collections import Counter
 from fractions import Fraction
 
+from calltune.errors import CalltuneError
 from calltune.schema import Example
 
 CATEGORIES = ("no_call", "single_call", "parallel_call", "sequential_call", "multi_turn")
@@ -80,7 +81,7 @@ def split_validation(examples: list[Example], fraction: float = 0.1, seed: int =
         ValueError: `fraction` outside ``[0, 1)``.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+        raise CalltuneError(f"validation fraction must be in [0, 1), got {fraction}")
     n = len(examples)
     n_val = min(int(n * fraction + 0.5), max(n - 1, 0))
     val_ids = set(random.Random(seed).sample(range(n), n_val))

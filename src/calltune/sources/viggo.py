@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from calltune.errors import CalltuneError
 from calltune.schema import Example, FunctionSpec, Message, Tool, ToolCall
 from calltune.sources.base import Rejects, SourceError, read_table
 
@@ -30,7 +31,7 @@ _MR = re.compile(r"^(?P<act>[a-z_]+)\((?P<body>.*)\)$", re.S)
 _ITEM = re.compile(r"(?P<attr>[a-z_]+)\[(?P<value>[^\[\]]*)\]")
 
 
-class MRParseError(ValueError):
+class MRParseError(CalltuneError):
     """A string is not a ViGGO meaning representation; the message says where it stops parsing."""
 
 

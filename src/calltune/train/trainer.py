@@ -5,6 +5,13 @@ padding-free packed), `CalltuneTrainer` (the `Trainer` with a loss computed only
 trained and a tokens/s log) and `train`, which runs a `TrainConfig` and saves the result in HF format
 with its prompt format.
 
+Several processes (``accelerate launch`` or ``torchrun``; DDP, DeepSpeed ZeRO or FSDP, configured by the
+launcher) train data-parallel: `train` runs in every process, each takes ``batch_size / processes``
+examples of every micro-batch, and only the main process writes the model, logs and checkpoints
+(each process adds its own RNG state to a checkpoint). Checkpoints are full Trainer checkpoints, so
+`train` can resume one with its optimizer, scheduler, RNG and data order; the output folder's rules
+(resume, overwrite, the final model's atomic rename) are in `calltune.train.output`.
+
 Speed on CPU comes from: bf16 autocast (Trainer ``bf16=True``), padding-free packing of each (random)
 batch into rows of at most max_length tokens so little is spent on padding (or, with packing off,
 batches grouped by length), and the LM head + cross-entropy evaluated only at trained positions (for a
@@ -16,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +32,15 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from calltune.errors import CalltuneError
 from calltune.formats import FormatError, PromptFormat, save_format
 from calltune.models import load_model
 from calltune.runtime import flush_denormals, malloc_trim
 from calltune.schema import Example
 from calltune.sources.base import Rejects
 from calltune.train.config import TrainConfig
+from calltune.train.output import (CHECKPOINTS, LAST_WRITTEN, is_finished, latest_checkpoint, prepare_output_dir,
+                                   publish, staging_dir, world_size)
 
 IGNORE = -100
 
@@ -172,14 +183,33 @@ def selected_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return loss, int(keep.sum())
 
 
+@contextmanager
+def _forward_as(module: torch.nn.Module, forward):
+    """Make `forward` the `module`'s forward for a while (restoring what was there, e.g. accelerate's autocast)."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
 class CalltuneTrainer(Trainer):
-    """`transformers.Trainer` with `selected_loss` and a tokens/s figure in every log line."""
+    """`transformers.Trainer` with `selected_loss` and a tokens/s figure in every log line.
+
+    ``tokens_seen`` and ``tokens_per_s`` in the logs count every process's non-padding tokens;
+    ``tokens_seen`` continues across a resume (`tokens_before`).
+    """
 
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tokens_seen = 0  # non-padding input tokens
+        self.tokens_seen = 0  # non-padding input tokens of this process since it started
+        self.tokens_before = 0  # all processes' tokens before the checkpoint this run resumed from
         self._t0 = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -187,21 +217,33 @@ class CalltuneTrainer(Trainer):
             self._t0 = time.perf_counter()
         real = inputs.pop("num_tokens", None)  # packed batches say how many tokens are not fill
         self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int(real)
-        # accelerate autocasts `model.forward`; selected_loss calls the decoder and head directly.
-        with self.accelerator.autocast():
-            loss_sum, n = selected_loss(model, inputs)
+        # The loss goes through the wrapped model's forward (DDP syncs gradients and FSDP gathers
+        # weights only there), with the inner model's forward standing in for selected_loss.
+        inner = self.accelerator.unwrap_model(model)
+        with _forward_as(inner, lambda **batch: selected_loss(inner, batch)), self.accelerator.autocast():
+            loss_sum, n = model(**inputs)
         if num_items_in_batch is None:
             denominator = max(n, 1) * self.args.gradient_accumulation_steps
         else:
             denominator = max(int(num_items_in_batch), 1)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # num_items_in_batch counts every process's tokens, and data parallelism averages the
+                # processes' gradients: scaled back, the step's gradient is that of the global mean.
+                loss_sum = loss_sum * self.accelerator.num_processes
         loss = loss_sum / denominator
         return (loss, None) if return_outputs else loss
 
+    def all_tokens_seen(self) -> int:
+        """Non-padding tokens every process has trained on since this run started (a collective call)."""
+        count = torch.tensor(self.tokens_seen, device=self.args.device)
+        return int(self.accelerator.reduce(count, reduction="sum"))
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._t0 is not None:
+        if self._t0 is not None:  # every process logs at the same steps, so the reduction meets
             elapsed = time.perf_counter() - self._t0
-            logs["tokens_per_s"] = round(self.tokens_seen / max(elapsed, 1e-9), 1)
-            logs["tokens_seen"] = self.tokens_seen
+            seen = self.all_tokens_seen()
+            logs["tokens_per_s"] = round(seen / max(elapsed, 1e-9), 1)
+            logs["tokens_seen"] = self.tokens_before + seen
         super().log(logs, *args, **kwargs)
 
 
@@ -271,10 +313,27 @@ def prepare_model(model_name: str, cfg: TrainConfig):
     return model, tokenizer
 
 
+def per_device_batch_size(cfg: TrainConfig, processes: int) -> int:
+    """``cfg.batch_size`` (the micro-batch of all processes together) split evenly among `processes`.
+
+    Raises:
+        CalltuneError: the batch does not split evenly.
+    """
+    if cfg.batch_size % processes:
+        raise CalltuneError(f"train.batch_size={cfg.batch_size} is the micro-batch of all {processes} processes "
+                            f"together and must split evenly among them; set it to a multiple of {processes}")
+    return cfg.batch_size // processes
+
+
 def training_arguments(cfg: TrainConfig, output_dir: Path, **overrides) -> TrainingArguments:
-    """The `TrainingArguments` a `TrainConfig` maps to (TensorBoard logs under ``output_dir/logs``)."""
+    """The `TrainingArguments` a `TrainConfig` maps to (TensorBoard logs under ``output_dir/runs``).
+
+    Each of the launcher's processes (`world_size`) gets ``cfg.batch_size / processes`` examples per
+    micro-batch, so an optimizer step sees ``batch_size x grad_accum`` examples however many processes
+    run. Checkpoints are full (model or adapter, optimizer, scheduler, RNG, trainer state).
+    """
     kwargs = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(output_dir), per_device_train_batch_size=per_device_batch_size(cfg, world_size()),
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
         optim=cfg.optim, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
@@ -283,7 +342,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, **overrides) -> Train
         report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         activation_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=False, save_only_model=True,
+        dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
         use_cpu=not torch.cuda.is_available(),
     )
     kwargs.update(overrides)
@@ -292,40 +351,87 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, **overrides) -> Train
 
 def train(model_name: str, examples: list[Example], fmt: PromptFormat, cfg: TrainConfig, output_dir: str | Path,
           rejects: Rejects | None = None, callbacks: list[TrainerCallback] | None = None,
-          resume_from_checkpoint: str | Path | None = None) -> TrainResult:
+          resume_from_checkpoint: str | Path | bool | None = None, overwrite: bool = False) -> TrainResult:
     """Fine-tune `model_name` on `examples` rendered by `fmt`; save the model, tokenizer and format.
 
     The saved folder (`output_dir`) holds a full model (``full``) or a LoRA adapter (``lora``,
-    ``qlora``) plus ``calltune_format.json``; checkpoints go to ``output_dir/checkpoints``.
-    `resume_from_checkpoint` (one of those checkpoint folders) continues from its step with its
-    weights; the optimizer starts afresh, as checkpoints hold the model only (``save_only_model``).
+    ``qlora``) plus ``calltune_format.json`` and ``train_log.json``; it appears whole, by a rename, when
+    training ends. Full checkpoints (weights or adapter, optimizer, scheduler, RNG and trainer state,
+    which holds the data order's position) go to ``output_dir/checkpoints`` every ``cfg.save_steps``.
+    The folder rules are `calltune.train.output.check_output_dir`'s: a fresh run needs an empty or new
+    folder; `overwrite` deletes an earlier run's model and checkpoints first.
+
+    `resume_from_checkpoint` continues an interrupted run: True takes the newest complete checkpoint
+    of `output_dir`, a path takes that checkpoint folder (the fine-tuning jobs worker passes one).
+    Training goes on from its step with its weights, optimizer, scheduler, RNG and data order, so it
+    ends where an uninterrupted run would. Resuming a run whose model is already saved trains nothing
+    and returns the saved result.
+
+    Under a launcher every process calls `train` with the same arguments; only the main process
+    writes files, and every process returns the same result.
 
     Raises:
         ValueError: no example survives rendering.
+        CalltuneError: the output folder or checkpoint can't be used (`calltune.train.output.OutputDirError`,
+            whose message says which flag to pass); ``cfg.batch_size`` does not split among the processes.
     """
     output_dir = Path(output_dir)
     flush_denormals()
-    torch.manual_seed(cfg.seed)
+    args = training_arguments(cfg, output_dir / CHECKPOINTS)
+    resume = bool(resume_from_checkpoint)
+    # The main process checks and readies the folder while the others wait (a check of theirs could
+    # race with the main process creating checkpoints/); a refusal there ends them all.
+    with args.main_process_first(local=False, desc="output folder"):
+        if args.process_index == 0:
+            prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    if resume and is_finished(output_dir):
+        return _saved_result(output_dir, examples, fmt, cfg, rejects)
+    checkpoint = latest_checkpoint(output_dir) if resume_from_checkpoint is True else (resume_from_checkpoint or None)
+    if checkpoint is not None and not (Path(checkpoint) / "trainer_state.json").exists():
+        raise CalltuneError(f"checkpoint {checkpoint} holds no trainer_state.json: it is no complete Trainer "
+                            "checkpoint; give a checkpoint-N folder the Trainer finished saving")
+    torch.manual_seed(cfg.seed)  # the same initial LoRA weights in every process
     model, tokenizer = prepare_model(model_name, cfg)
     rows = tokenize_examples(examples, fmt, tokenizer, cfg.max_length, rejects=rejects, train_on=cfg.train_on)
     if not rows:
-        raise ValueError(f"no training example survived rendering with format {fmt.name!r}; see the rejects file")
-    args = training_arguments(cfg, output_dir / "checkpoints")
-    trainer = CalltuneTrainer(model=model, args=args, train_dataset=_ListDataset(rows),
+        raise CalltuneError(f"no training example survived rendering with format {fmt.name!r}; see the rejects file")
+    trainer = CalltuneTrainer(model=model, args=args, train_dataset=_ListDataset(rows), processing_class=tokenizer,
                               data_collator=Collator(tokenizer.pad_token_id, packing=cfg.packing, pack_length=cfg.pack_length or cfg.max_length),
                               callbacks=[ReleaseFreedMemory(), *(callbacks or [])])
+    if checkpoint is not None:
+        history = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("log_history", [])
+        trainer.tokens_before = max((h.get("tokens_seen", 0) for h in history), default=0)
     start = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+    out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     seconds = time.perf_counter() - start
-    model = trainer.model
-    model.config.use_cache = True
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    save_format(fmt, output_dir)
+    tokens = trainer.all_tokens_seen()
+    trainer.model.config.use_cache = True
+    stage = staging_dir(output_dir)
+    # Every process takes part (ZeRO-3 and FSDP gather the sharded weights); the main process writes.
+    trainer.save_model(str(stage))
     history = trainer.state.log_history
-    (output_dir / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    if args.should_save:
+        save_format(fmt, stage)
+        (stage / LAST_WRITTEN).write_text(json.dumps(history, indent=1) + "\n")
+        publish(stage, output_dir)
+    trainer.accelerator.wait_for_everyone()
     return TrainResult(output_dir=output_dir, log_history=history, train_seconds=seconds,
-                       tokens_seen=trainer.tokens_seen, steps=out.global_step, train_examples=len(rows))
+                       tokens_seen=tokens, steps=out.global_step, train_examples=len(rows))
+
+
+def _saved_result(output_dir: Path, examples: list[Example], fmt: PromptFormat, cfg: TrainConfig,
+                  rejects: Rejects | None) -> TrainResult:
+    """The `TrainResult` of a finished run in `output_dir`, from its ``train_log.json`` (examples re-rendered
+    with its tokenizer, so `rejects` gets the same rows as in training)."""
+    from calltune.models import load_tokenizer
+
+    history = json.loads((output_dir / LAST_WRITTEN).read_text())
+    rows = tokenize_examples(examples, fmt, load_tokenizer(str(output_dir)), cfg.max_length, rejects=rejects,
+                             train_on=cfg.train_on)
+    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    return TrainResult(output_dir=output_dir, log_history=history,
+                       train_seconds=float(summary.get("train_runtime", 0.0)), tokens_seen=max((h.get("tokens_seen", 0) for h in history), default=0),
+                       steps=int(max((h.get("step", 0) for h in history), default=0)), train_examples=len(rows))
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path) -> Path:
@@ -341,7 +447,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path) -> Path:
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not is_adapter(str(adapter_dir)):
-        raise ValueError(f"{adapter_dir} holds no adapter_config.json: it is not a LoRA adapter")
+        raise CalltuneError(f"{adapter_dir} holds no adapter_config.json: it is not a LoRA adapter")
     model, tokenizer, _ = load_model(adapter_dir)
     merged = model.merge_and_unload()
     merged.save_pretrained(output_dir, safe_serialization=True)

@@ -56,3 +56,17 @@ def test_an_explicit_eval_format_wins_over_the_saved_one(tmp_path, smollm2_path)
                                       "--limit", "1", "--max-new-tokens", "4", "-o", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["format"] == "viggo"
+
+
+def test_train_into_a_finished_model_folder_needs_overwrite(tmp_path, monkeypatch):
+    import calltune
+    from calltune.train.output import FINISHED, OutputDirError
+
+    monkeypatch.chdir(ROOT)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / FINISHED).write_text("{}")  # what a finished training leaves
+    with pytest.raises(OutputDirError, match="overwrite"):
+        calltune.train("recipes/xlam-qlora.yaml", output_dir=model_dir)
+    with pytest.raises(OutputDirError, match="exclude each other"):
+        calltune.run("recipes/xlam-qlora.yaml", output_dir=tmp_path, resume=True, overwrite=True)

@@ -39,22 +39,28 @@ def load_examples(source: str, path: str | Path, *, split: str = "train", limit:
 
 
 def train(recipe: Recipe | dict[str, Any] | str | Path | None, output_dir: str | Path | None = None,
-          overrides: dict[str, Any] | None = None) -> Path:
+          overrides: dict[str, Any] | None = None, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Prepare a recipe's data (load, clean, split, augment) and train; returns the saved model folder.
 
     `output_dir` defaults to ``runs/<name>/model``; rejects go beside it. `overrides` are dotted
-    recipe keys (``{"train.max_steps": 20}``). No evaluation runs (see `run`).
+    recipe keys (``{"train.max_steps": 20}``). No evaluation runs (see `run`). A folder that already
+    holds a run needs `resume` (continue from its newest complete checkpoint) or `overwrite` (start
+    afresh), as ``calltune train --resume / --overwrite``.
 
     Raises:
-        RecipeError: the recipe is invalid. ValueError / SourceError: its data can't be used.
+        RecipeError: the recipe is invalid. CalltuneError (SourceError, OutputDirError, ...): its data or
+        the output folder can't be used.
     """
     from calltune.pipeline import prepare, recipe_format
     from calltune.train import train as train_model
+    from calltune.train.output import check_output_dir
 
     r = _recipe(recipe, overrides)
     out = Path(output_dir) if output_dir else r.out / "model"
+    check_output_dir(out, resume=resume, overwrite=overwrite, what="output_dir")
     train_ex, _, _, rejects = prepare(r, out.parent)
-    result = train_model(r.model, train_ex, recipe_format(r), r.train, out, rejects=rejects)
+    result = train_model(r.model, train_ex, recipe_format(r), r.train, out, rejects=rejects,
+                         resume_from_checkpoint=resume, overwrite=overwrite)
     rejects.write()
     return result.output_dir
 
@@ -82,11 +88,13 @@ def evaluate(model: str | Path, examples: list[Example], *, format: str | None =
 
 
 def run(recipe: Recipe | dict[str, Any] | str | Path | None = None, output_dir: str | Path | None = None,
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        overrides: dict[str, Any] | None = None, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """`calltune run`: prepare -> evaluate base -> train -> evaluate tuned -> report; returns the summary.
 
-    `recipe` None is the embedded default job (BFCL live -> BFCL non-live).
+    `recipe` None is the embedded default job (BFCL live -> BFCL non-live). `resume` / `overwrite` as
+    ``calltune run --resume / --overwrite`` (a folder that already holds a run needs one of them).
     """
     from calltune.pipeline import run_recipe
 
-    return run_recipe(_recipe(recipe, overrides), output_dir)
+    return run_recipe(_recipe(recipe, overrides), output_dir, resume_from_checkpoint=resume or None,
+                      overwrite=overwrite)

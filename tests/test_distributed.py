@@ -41,6 +41,7 @@ def train_alone(recipe: Path, output_dir: Path) -> None:
     train(r.model, examples, recipe_format(r), r.train, output_dir, rejects=rejects)
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one(tmp_path, tokenizer):
     from safetensors.torch import load_file
 
@@ -68,6 +69,7 @@ def test_two_processes_train_as_one(tmp_path, tokenizer):
     assert {p.name for p in state.glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}  # one per process
 
 
+@pytest.mark.slow
 def test_zero3_saves_one_consolidated_adapter(tmp_path, tokenizer):
     pytest.importorskip("deepspeed")
     base = tiny_base(tmp_path, tokenizer)

@@ -89,6 +89,7 @@ def assert_carries_template(gguf: Path, folder: Path) -> None:
 
 
 # -- getting the converter ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_converter_is_cached_without_the_sdist_and_reused_offline(converter, no_pypi, tmp_path, monkeypatch):
     from calltune.serve.export import find_converter
 
@@ -140,6 +141,7 @@ def test_two_disagreeing_chat_templates_are_refused_before_converting(tmp_path, 
 
 
 # -- exported files -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bf16_export_is_lossless_and_carries_the_chat_template(tmp_path, tokenizer, converter, monkeypatch):
     """A bf16 model exported as bf16: the same weights, so the same greedy tokens, and its chat template."""
     from transformers import AutoModelForCausalLM
@@ -159,6 +161,7 @@ def test_bf16_export_is_lossless_and_carries_the_chat_template(tmp_path, tokeniz
     assert greedy(back, prompts, 16) == expected
 
 
+@pytest.mark.slow
 def test_f16_export_of_an_fp32_model_generates_the_same_tokens(tmp_path, tokenizer, converter):
     """f16 rounds each fp32 weight (relative error <= 2**-11); on these prompts no greedy token changes."""
     from transformers import AutoModelForCausalLM

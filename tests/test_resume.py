@@ -147,6 +147,7 @@ def test_the_command_line_refuses_a_half_written_folder_before_reading_data(tmp_
     assert result.exit_code == 2 and "no checkpoint" in result.output, result.output
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_result_of_an_uninterrupted_one(tmp_path, tiny_recipe):
     reference = tmp_path / "reference" / "model"
     result = runner.invoke(app, ["train", str(tiny_recipe), "-o", str(reference)])

@@ -1,4 +1,5 @@
-"""Generation throughput: calltune's batched greedy decoding against plain `model.generate`, on ViGGO.
+"""Generation throughput: calltune's batched greedy decoding against plain `model.generate`, transformers'
+continuous batching (`generate_batch`) and vLLM's offline engine, on ViGGO.
 
 Run (the base model answers in prose, up to --max-new-tokens every time; with a tuned model, which
 stops after its ~30-token call, a full run is several times shorter):
@@ -6,6 +7,7 @@ stops after its ~30-token call, a full run is several times shorter):
     python benchmarks/generate_throughput.py [--model smollm2-135m-instruct] [--rows 714 --baseline-rows 64]
     python benchmarks/generate_throughput.py --model runs/viggo-full/model
     python benchmarks/generate_throughput.py --rows 32 --baseline-rows 4             # smoke run, ~1 minute
+    .venv-vllm/bin/python benchmarks/generate_throughput.py --methods calltune,generate_batch,vllm
 
 Owns the benchmark only: nothing in `calltune` imports it. Every method decodes greedily the same
 prompt token ids, ViGGO validation prompts rendered by calltune's viggo format (``fmt.prompt``:
@@ -21,6 +23,12 @@ system instruction + utterance + the generation prompt), up to ``--max-new-token
   left-padded by ``tokenizer.pad``, on the first ``--rows`` rows.
 - ``plain_single``: the same model, ``model.generate`` one prompt at a time, on the first
   ``--baseline-rows`` rows (it is slow); its seconds per 714 rows are EXTRAPOLATED linearly from them.
+- ``generate_batch``: transformers' own continuous batching (``model.generate_batch``, paged KV cache)
+  on the plain model, all ``--rows`` prompts handed over at once.
+- ``vllm``: vLLM's offline engine (``vllm.LLM.generate`` on token-id prompts, bf16, greedy), through
+  `calltune.infer.vllm_engine.generate_vllm`; engine start-up is reported apart as its load time.
+  Needs vLLM installed (run the benchmark with the vLLM environment's Python, ``make vllm-env``);
+  where it is missing the method is reported as skipped.
 
 Counted the same way for all: generated tokens = new tokens up to and including the first
 end-of-turn (eos) token, or all ``--max-new-tokens`` when none came; tokens/s = generated tokens /
@@ -46,6 +54,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VALID = REPO.parent / "shared" / "data" / "viggo" / "valid.csv"
 FULL_VALID = 714  # rows in ViGGO's validation split: "seconds per 714 rows" is one full evaluation
+KEEP_RATIO = 1.5  # calltune's decoder stays only while this much faster than the faster library
+METHODS = ("calltune", "plain_batched", "plain_single", "generate_batch", "vllm")
 
 
 def load_plain(name: str):
@@ -93,6 +103,54 @@ def plain_generate(model, tokenizer, prompts: list[list[int]], batch_size: int, 
     return texts, counts
 
 
+@torch.inference_mode()
+def batch_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int):
+    """transformers' continuous batching (``generate_batch``); returns (texts, generated token counts) in prompt order."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    ordered = list(outputs.values())  # generate_batch returns them in input order
+    assert len(ordered) == len(prompts), f"generate_batch returned {len(ordered)} of {len(prompts)} requests"
+    eos = tokenizer.eos_token_id
+    texts, counts = [], []
+    for out in ordered:
+        ids = new_tokens(list(out.generated_tokens), eos)
+        counts.append(len(ids))
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts, counts
+
+
+def vllm_generate(model: str, prompts: list[list[int]], max_new_tokens: int, eos: int):
+    """vLLM's offline engine through calltune's wrapper: (texts, token counts, generation seconds, start-up
+    seconds), or None when vLLM isn't installed. Start-up (engine build, weights, KV cache) is timed apart
+    by generating one 1-token prompt first, inside the same engine."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from calltune.infer.vllm_engine import KV_CACHE_GB, model_and_adapter
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GB)
+    base, adapter, _ = model_and_adapter(model)
+    if adapter:
+        raise SystemExit("the vllm method takes a model folder; merge the adapter first (calltune merge)")
+    start = time.perf_counter()
+    llm = LLM(model=base, dtype="bfloat16", seed=0, max_model_len=max(len(p) for p in prompts) + max_new_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=[eos])
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], SamplingParams(max_tokens=1), use_tqdm=False)
+    load_s = time.perf_counter() - start
+    outputs, secs = timed(lambda: llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                               use_tqdm=False))
+    texts = [o.outputs[0].text for o in outputs]
+    counts = [len(o.outputs[0].token_ids) for o in outputs]
+    return texts, counts, secs, load_s
+
+
 def timed(fn):
     t = time.perf_counter()
     value = fn()
@@ -129,14 +187,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="most rows decoding at once in calltune.infer.generate (the ViGGO recipes' eval.batch_size)")
     parser.add_argument("--repeats", type=int, default=3, help="calltune runs; the median wall time is reported")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--methods", default="calltune,plain_batched,plain_single")
+    parser.add_argument("--methods", default="calltune,plain_batched,plain_single,generate_batch,vllm")
     parser.add_argument("--valid", default=str(DEFAULT_VALID), help="ViGGO valid.csv")
     parser.add_argument("--out", default="runs/bench/generate_throughput.json")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - {"calltune", "plain_batched", "plain_single"})
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choices: calltune, plain_batched, plain_single")
+        parser.error(f"unknown method(s) {unknown}; choices: {', '.join(METHODS)}")
 
     from calltune.formats import get_format, load_format
     from calltune.infer.generate import generate, load_for_inference
@@ -150,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = load_source("viggo", args.valid)[:args.rows]
     print(f"model {args.model} ({path}); {len(examples)} rows; {torch.get_num_threads()} threads; "
           f"load avg {os.getloadavg()[0]:.2f}", flush=True)
-    results, texts = {}, {}
+    results, texts, skipped = {}, {}, {}
 
     if "calltune" in methods:
         (model, tokenizer, fmt), load_s = timed(lambda: load_for_inference(args.model))
@@ -177,6 +235,27 @@ def main(argv: list[str] | None = None) -> None:
         print(f"calltune: {results['calltune']['tokens_per_s']:.1f} tokens/s, {secs:.1f} s", flush=True)
         del model
 
+    if "generate_batch" in methods:
+        (plain, plain_tok), load_s = timed(lambda: load_plain(args.model))
+        batch_generate(plain, plain_tok, prompts[:1], 4)  # warm-up
+        (out, counts), secs = timed(lambda: batch_generate(plain, plain_tok, prompts, args.max_new_tokens))
+        texts["generate_batch"] = out
+        results["generate_batch"] = method_result(len(prompts), secs, sum(counts), load_s, batch_size="auto")
+        print(f"generate_batch: {results['generate_batch']['tokens_per_s']:.1f} tokens/s, {secs:.1f} s", flush=True)
+        del plain
+
+    if "vllm" in methods:
+        run = vllm_generate(args.model, prompts, args.max_new_tokens, tokenizer.eos_token_id)
+        if run is None:
+            skipped["vllm"] = "vLLM is not installed in this environment"
+            print("vllm: skipped (not installed here)", flush=True)
+        else:
+            out, counts, secs, load_s = run
+            texts["vllm"] = out
+            results["vllm"] = method_result(len(prompts), secs, sum(counts), load_s, batch_size="auto")
+            print(f"vllm: {results['vllm']['tokens_per_s']:.1f} tokens/s, {secs:.1f} s "
+                  f"(engine start {load_s:.0f} s)", flush=True)
+
     if {"plain_batched", "plain_single"} & set(methods):
         (plain, plain_tok), load_s = timed(lambda: load_plain(args.model))
         plain_generate(plain, plain_tok, prompts[:1], 1, 4)  # warm-up
@@ -195,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"plain_single: {results['plain_single']['tokens_per_s']:.1f} tokens/s, {secs:.1f} s", flush=True)
 
     if "calltune" in texts:
-        for name in ("plain_batched", "plain_single"):
+        for name in ("plain_batched", "plain_single", "generate_batch", "vllm"):
             if name in texts:
                 results[name]["agreement_with_calltune"] = agreement(texts["calltune"], texts[name])
     if "plain_single" in texts and "plain_batched" in texts:
@@ -215,10 +294,21 @@ def main(argv: list[str] | None = None) -> None:
                      f"| {r['tokens_per_s']:.1f} | {per_full} | {agree} |")
     if "calltune" in results:
         lines.append("")
-        for name in ("plain_batched", "plain_single"):
+        for name in ("plain_batched", "plain_single", "generate_batch", "vllm"):
             if name in results:
                 lines.append(f"calltune / {name}: {results['calltune']['tokens_per_s'] / results[name]['tokens_per_s']:.2f}x "
                              "tokens/s")
+        libraries = [name for name in ("generate_batch", "vllm") if name in results]
+        if libraries:
+            best = max(libraries, key=lambda name: results[name]["tokens_per_s"])
+            ratio = results["calltune"]["tokens_per_s"] / results[best]["tokens_per_s"]
+            lines.append(f"calltune / the faster library ({best}): {ratio:.2f}x tokens/s; calltune's decoder "
+                         f"{'stays' if ratio >= KEEP_RATIO else 'should give way'} "
+                         f"(kept while >= {KEEP_RATIO}x the faster of generate_batch and vLLM)")
+    for name, why in skipped.items():
+        lines.append(f"{name}: skipped, {why}")
+    if "vllm" in results:
+        lines.append(f"vllm engine start-up (not in its wall time): {results['vllm']['load_seconds']:.0f} s")
     if "agreement_with_plain_batched" in results.get("plain_single", {}):
         a = results["plain_single"]["agreement_with_plain_batched"]
         lines.append(f"\nplain_single vs plain_batched (padding only): {a['identical']:.0%} identical, "

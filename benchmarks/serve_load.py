@@ -1,17 +1,21 @@
 """Load on `calltune serve`: concurrent chat completions with tools, batched against one at a time.
 
-Run (starts the server itself, once per ``--max-batch`` value, on a free localhost port):
+Run (starts the server itself, once per ``--max-batch`` value and engine, on a free localhost port):
 
     python benchmarks/serve_load.py          # smollm2-135m-instruct: 8 clients and 1, at --max-batch 8 and 1
     python benchmarks/serve_load.py --model runs/bfcl-default/model --clients 16,1 --requests 64 --max-batch 16,1
     python benchmarks/serve_load.py --clients 4 --requests 8 --max-tokens 16   # smoke run
+    .venv-vllm/bin/python benchmarks/serve_load.py --model runs/bfcl-default/model --engines calltune,vllm
 
 Owns the benchmark only: nothing in `calltune` imports it. For each ``--max-batch`` value it starts
 ``calltune serve MODEL --max-batch B --max-queue CLIENTS`` (so nothing is refused with 429), sends one
 warm-up request, then has ``--clients`` threads, each an `openai` client, send ``--requests`` chat
 completions in all (a user question from `QUESTIONS` in turn, with `TOOLS` offered, ``tool_choice:
 auto``, greedy, ``max_tokens`` ``--max-tokens``), each thread sending its next request as soon as its
-last one is answered. Every setting gets the same requests in the same order.
+last one is answered. Every setting gets the same requests in the same order. With ``--engines
+vllm`` the same load goes to ``calltune serve MODEL --engine vllm`` (vLLM's OpenAI server with the
+model's chat template and tool-call parser; it batches as it sees fit, so no ``--max-batch``); vLLM
+is unconstrained, so compare it with calltune's ``--no-constrained``.
 
 Reported per setting: requests/s and completion tokens/s (the server's ``usage.completion_tokens``
 over the wall time from the first request to the last answer), p50/p95 request latency (seconds, as a
@@ -73,14 +77,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model: str, port: int, max_batch: int, max_queue: int, constrained: bool) -> subprocess.Popen:
+def _start(model: str, port: int, max_batch: int, max_queue: int, constrained: bool,
+           engine: str = "calltune") -> subprocess.Popen:
     """`calltune serve` in a subprocess; returns once /health answers (or raises with its output)."""
-    command = [sys.executable, "-c", "from calltune.cli import main; main()", "serve", model, "--port", str(port),
-               "--max-batch", str(max_batch), "--max-queue", str(max_queue),
-               "--constrained" if constrained else "--no-constrained"]
+    command = [sys.executable, "-c", "from calltune.cli import main; main()", "serve", model, "--port", str(port)]
+    if engine == "vllm":  # vLLM's server, with the model's chat template and tool-call parser
+        command += ["--engine", "vllm"]
+    else:
+        command += ["--max-batch", str(max_batch), "--max-queue", str(max_queue),
+                    "--constrained" if constrained else "--no-constrained"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 600
+    deadline = time.time() + 1200  # vLLM's engine start takes minutes on a CPU
     while time.time() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
@@ -163,25 +171,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", default="8,1", help="comma-separated --max-batch values to compare")
     parser.add_argument("--no-constrained", action="store_true", help="serve with --no-constrained")
+    parser.add_argument("--engines", default="calltune", help="comma-separated: calltune (once per --max-batch), "
+                        "vllm (`calltune serve --engine vllm`: needs vLLM here and a model calltune saved)")
     parser.add_argument("--out", default="runs/bench/serve_load.json")
     args = parser.parse_args(argv)
 
     clients = [int(c) for c in args.clients.split(",")]
     settings: dict[str, dict] = {}
-    for max_batch in [int(b) for b in args.max_batch.split(",")]:
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    runs = [("calltune", int(b)) for b in args.max_batch.split(",")] if "calltune" in engines else []
+    runs += [("vllm", 0)] if "vllm" in engines else []
+    for engine, max_batch in runs:
         port = _free_port()
-        proc = _start(args.model, port, max_batch, max(clients), not args.no_constrained)
+        proc = _start(args.model, port, max_batch, max(clients), not args.no_constrained, engine)
+        label = f"calltune --max-batch {max_batch}" if engine == "calltune" else "vllm"
         try:
             for n in clients:
-                print(f"--max-batch {max_batch}: {args.requests} requests from {n} clients ...", flush=True)
-                settings[f"{max_batch}/{n}"] = _load(f"http://127.0.0.1:{port}", args.model, n, args.requests,
-                                                     args.max_tokens)
+                print(f"{label}: {args.requests} requests from {n} clients ...", flush=True)
+                settings[f"{label} / {n}"] = _load(f"http://127.0.0.1:{port}", args.model, n, args.requests,
+                                                   args.max_tokens)
         finally:
             _stop(proc)
     first = next(iter(settings.values()))["answers"]
     print(f"\n{args.model}, {args.requests} requests per setting, max_tokens {args.max_tokens}, "
           f"constrained {not args.no_constrained}\n")
-    print("| --max-batch / clients | errors | requests/s | tokens/s | p50 latency (s) | p95 latency (s) "
+    print("| server / clients | errors | requests/s | tokens/s | p50 latency (s) | p95 latency (s) "
           "| answers calling | same answers as the first setting |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in settings.items():

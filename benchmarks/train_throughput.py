@@ -1,19 +1,19 @@
-"""Training throughput: calltune's trainer against a plain TRL `SFTTrainer`, on the same ViGGO rows.
+"""Training throughput: calltune's trainer against TRL's `SFTTrainer` at its defaults and at its best, on ViGGO.
 
 Run:
 
     python benchmarks/train_throughput.py [--steps 5 --batch-size 16 --repeats 2 --rows STEPS*BATCH]
-    python benchmarks/train_throughput.py --rows 32 --steps 3 --repeats 1 --configs full   # smoke, ~3 min
+    python benchmarks/train_throughput.py --rows 32 --steps 3 --repeats 1 --configs full   # smoke run
 
-Time on this 2-core CPU (measured with another job sharing it): a trial costs ~20 s of start-up plus
-per step ~12 s (calltune full), ~10 s (calltune LoRA), ~31 s (TRL full), ~25 s (TRL LoRA) at batch
-16, so the defaults (5 steps, 2 repeats, both configs) take ~15 minutes; each extra step adds ~2.5.
+A trial is a subprocess: model loading and start-up, then `--steps` optimizer steps; TRL at its defaults
+is the slowest trainer (gradient checkpointing), so the defaults (5 steps, 2 repeats, two configs,
+three trainers) take about twenty minutes here (docs/benchmarks.md has measured times).
 
 Owns the benchmark only: nothing in `calltune` imports it. For each config (full fine-tuning, LoRA)
 it trains SmolLM2-135M-Instruct for the same number of optimizer steps at the same batch size and
 max_length, on the same ViGGO rows rendered to the same chat messages (by default steps x batch
-rows, so each trainer sees every row once, each in its own order), once with calltune and once with
-TRL, alternating (calltune, trl, calltune, trl, ...) for `--repeats` rounds. Every trial runs in its
+rows, so each trainer sees every row once, each in its own order), with calltune and with
+TRL twice (defaults, best), alternating (calltune, trl, trl_best, calltune, ...) for `--repeats` rounds. Every trial runs in its
 own subprocess, which reports its own peak resident memory (``ru_maxrss``), so no trial inherits
 another's heap.
 
@@ -26,15 +26,8 @@ packed padding-free into rows of at most max_length tokens, cosine schedule with
 
 Packing: `TrainConfig.packing` defaults to True (and `group_by_length` to False), and this benchmark
 runs calltune with it unless ``--calltune-packing off`` (then: right-padded batches in random order).
-calltune packs a batch first-fit into rows of at most max_length tokens (`Collator`); an earlier
-version packed a whole batch into one row of sum(lengths) tokens, and on CPU, with no varlen attention
-kernel, eager attention then computed the full (~2,100)^2 score matrix per head and layer: 45 tokens/s
-and 12.3 GB against 153-178 tokens/s and 7.6 GB padded. Capped at 256, on batches of 16 ViGGO rows in
-random order (full fine-tuning, forward + backward + AdamW step of 8 batches after 2 untimed ones, a
-throwaway loop calling `selected_loss` on 2026-11-23), packed batches ran at 257 tokens/s and padded
-ones at 189 and 191 (with glibc's malloc thresholds raised by environment variables: packed 250,
-padded 209 and 215): a random batch is padded to its longest row, packing gives that back.
-Length-grouped padded batches carry little padding as well, but trained worse on ViGGO (docs/results.md).
+calltune packs a batch first-fit into rows of at most max_length tokens (`Collator`); why rows are
+capped rather than one row per batch, and what padding costs, is in docs/design.md.
 
 TRL side, the baseline a user would write: a `datasets.Dataset` with one conversational ``messages``
 column, ``SFTTrainer(model=<folder>, args=SFTConfig(output_dir, per_device_train_batch_size,
@@ -60,6 +53,14 @@ way; the JSON records how many rows were truncated). Everything else is at TRL 1
   position whose label is not -100 (here: every real token but each row's first), also computing the
   entropy and top-1 accuracy it logs.
 
+TRL at its best (``trl_best``, `TRL_BEST`): the same, with what TRL offers for this job turned on:
+no gradient checkpointing, best-fit-decreasing packing (which makes its collator padding-free:
+rows flattened into one sequence, kept apart by ``position_ids``, which transformers' SDPA and eager
+masks honour), loss on the answer only (a prompt-completion dataset, ``completion_only_loss``), bf16
+autocast over fp32 master weights, SDPA attention. Liger kernels are Triton (GPU) kernels and don't
+run on this CPU. Since TRL packs the whole dataset before batching, a step of ``trl_best`` holds
+``--batch-size`` packed rows: more tokens per step than the others, the same tokens/s measure.
+
 What is measured, per trial:
 - tokens/s: NON-PADDING input tokens of the rows the timed steps consumed (the sum of the real lengths
   of the rows handed to the collator, counted the same way for both trainers) divided by the wall time
@@ -71,8 +72,8 @@ What is measured, per trial:
   the curves is compared (Pearson correlation per step).
 - model FLOP utilisation: training FLOPs = 6 x N_nonemb x tokens + 6 x N_head x head_positions, where
   N_nonemb are the decoder's non-embedding parameters (~106M), N_head = vocab x hidden (the tied LM
-  head, 28M) and head_positions the positions where a trainer evaluates the head (calltune: trained
-  targets; TRL: every non-pad position after the first of each row). Attention score FLOPs, gradient
+  head, 28M) and head_positions the positions where a trainer evaluates the head (calltune and trl_best:
+  trained targets; trl: every non-pad position after the first of each row). Attention score FLOPs, gradient
   checkpointing's recomputation and the masked-out work of packed eager attention are not counted
   (they are hardware work, not model work). For LoRA the frozen weights need no weight gradient, so
   the real work is nearer 4N than 6N; the 6N convention is kept so the two configs share a scale.
@@ -105,6 +106,18 @@ MODEL_ALIAS = "smollm2-135m-instruct"
 # given to both trainers.
 LEARNING_RATE = {"full": 2e-4, "lora": 1e-3}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+# TRL configured as well as TRL allows for this job on this machine: what differs from its defaults.
+TRL_BEST = {
+    "gradient_checkpointing": False,  # 135M parameters fit: no second forward
+    "packing": True, "packing_strategy": "bfd",  # best-fit-decreasing packing, which makes batches padding-free
+    "completion_only_loss": True,  # loss (and the LM head's fused loss) on the answer tokens only
+    "bf16": True,  # bf16 autocast over fp32 master weights, as calltune
+    "model_init_kwargs": {"attn_implementation": "sdpa"},  # the fastest here; packed rows stay apart by position_ids
+    "dataloader_drop_last": False,
+}
+TRAINERS = ("calltune", "trl", "trl_best")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +202,7 @@ def run_calltune(spec: dict, out_dir: Path):
     examples, fmt = _viggo_rows(spec["train_csv"], spec["rows"], spec["seed"])
     cfg = TrainConfig(method=spec["method"], max_steps=spec["steps"], batch_size=spec["batch_size"],
                       learning_rate=LEARNING_RATE[spec["method"]], max_length=spec["max_length"],
-                      packing=spec["calltune_packing"], logging_steps=1,
+                      packing=spec["calltune_packing"], logging_steps=1, **spec.get("calltune_set", {}),
                       lora={"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
                             "target_modules": LORA["target_modules"]})
     torch.manual_seed(cfg.seed)
@@ -214,13 +227,16 @@ def run_trl(spec: dict, out_dir: Path):
 
     from calltune.models import load_tokenizer, resolve_model
 
+    best = spec["trainer"] == "trl_best"
     examples, fmt = _viggo_rows(spec["train_csv"], spec["rows"], spec["seed"])
     messages = []
     for ex in examples:
         # The same chat dicts calltune's viggo format feeds the chat template (tools: none for viggo).
         chat, tools = fmt.to_chat(ex.messages, ex.tools_as_dicts())
         assert tools is None, "the viggo format renders no tools"
-        messages.append({"messages": chat})
+        assert chat[-1]["role"] == "assistant"
+        # TRL at its best trains on the answer only: a prompt-completion dataset (completion_only_loss).
+        messages.append({"prompt": chat[:-1], "completion": chat[-1:]} if best else {"messages": chat})
     path = resolve_model(MODEL_ALIAS)
     peft_config = None
     if spec["method"] == "lora":
@@ -231,18 +247,22 @@ def run_trl(spec: dict, out_dir: Path):
                      logging_steps=1, max_length=spec["max_length"], disable_tqdm=True,
                      # TRL's bf16=True default refuses to start on a machine without a bf16 GPU unless
                      # use_cpu is set ("Your setup doesn't support bf16/gpu. You need to assign use_cpu").
-                     use_cpu=not torch.cuda.is_available())
+                     use_cpu=not torch.cuda.is_available(),
+                     **(TRL_BEST if best else {}))
     trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(messages), peft_config=peft_config)
     counter = _CountingCollator(trainer.data_collator)
     trainer.data_collator = counter  # read when `train()` builds the dataloader
     timer = _timer_callback(counter, spec["warmup"])
     trainer.add_callback(timer)
     tokenizer = load_tokenizer(path)
-    untruncated = [tokenizer(tokenizer.apply_chat_template(m["messages"], tokenize=False),
+    untruncated = [tokenizer(tokenizer.apply_chat_template(m.get("messages") or m["prompt"] + m["completion"],
+                                                           tokenize=False),
                              add_special_tokens=False)["input_ids"] for m in messages]
     info = {"attn_implementation": trainer.model.config._attn_implementation,
             "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16, "packing": args.packing,
-            "padding_free": args.padding_free, "assistant_only_loss": args.assistant_only_loss,
+            "packing_strategy": args.packing_strategy if args.packing else None,
+            "padding_free": trainer.padding_free, "assistant_only_loss": args.assistant_only_loss,
+            "completion_only_loss": trainer.completion_only_loss,
             "truncated_rows": sum(len(ids) > spec["max_length"] for ids in untruncated),
             **_param_counts(trainer.model)}
     return trainer, counter, timer, info
@@ -338,7 +358,7 @@ def summarise(trials: list[dict], peak_gflops: float) -> dict:
     summary = {}
     for method in sorted({t["method"] for t in trials}):
         entry = {}
-        for trainer in ("calltune", "trl"):
+        for trainer in TRAINERS:
             ts = [t for t in trials if t["method"] == method and t["trainer"] == trainer]
             if not ts:
                 continue
@@ -353,11 +373,12 @@ def summarise(trials: list[dict], peak_gflops: float) -> dict:
                 "losses_first_trial": ts[0]["losses"],
                 "attn_implementation": ts[0]["attn_implementation"],
             }
-        if "calltune" in entry and "trl" in entry:
-            c, r = entry["calltune"], entry["trl"]
-            entry["tokens_per_s_ratio_calltune_over_trl"] = c["tokens_per_s_median"] / r["tokens_per_s_median"]
-            entry["peak_rss_ratio_calltune_over_trl"] = c["peak_rss_gb_max"] / r["peak_rss_gb_max"]
-            entry["loss_curve_correlation"] = pearson(c["losses_first_trial"], r["losses_first_trial"])
+        for peer in ("trl", "trl_best"):
+            if "calltune" in entry and peer in entry:
+                c, r = entry["calltune"], entry[peer]
+                entry[f"tokens_per_s_ratio_calltune_over_{peer}"] = c["tokens_per_s_median"] / r["tokens_per_s_median"]
+                entry[f"peak_rss_ratio_calltune_over_{peer}"] = c["peak_rss_gb_max"] / r["peak_rss_gb_max"]
+                entry[f"loss_curve_correlation_{peer}"] = pearson(c["losses_first_trial"], r["losses_first_trial"])
         summary[method] = entry
     return summary
 
@@ -370,13 +391,13 @@ def plot_losses(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 3.5), squeeze=False)
     for ax, (method, entry) in zip(axes[0], summary.items()):
-        for trainer, style in (("calltune", "-o"), ("trl", "-s")):
+        for trainer, style in (("calltune", "-o"), ("trl", "-s"), ("trl_best", "-^")):
             if trainer in entry:
                 losses = entry[trainer]["losses_first_trial"]
                 ax.plot(range(1, len(losses) + 1), losses, style, label=trainer, markersize=3)
         ax.set_title(f"{method}: loss per step (first trial)")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss (calltune: answer tokens; TRL: all)")
+        ax.set_ylabel("training loss (calltune, trl_best: answer tokens; trl: all)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -387,7 +408,8 @@ def report(summary: dict, peak: dict, args) -> str:
     lines = [
         f"Model {MODEL_ALIAS}, {args.rows} ViGGO rows, batch {args.batch_size}, max_length {args.max_length}, "
         f"{args.steps} steps ({args.warmup} warm-up step(s) untimed), {args.repeats} repeat(s); "
-        f"calltune packing {args.calltune_packing}; load avg {os.getloadavg()[0]:.2f} at the end.",
+        f"calltune packing {args.calltune_packing}"
+        f"{''.join(f', {x}' for x in args.calltune_set)}; load avg {os.getloadavg()[0]:.2f} at the end.",
         f"Measured matmul peak (2048^3): bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s.",
         "",
         "| config | trainer | attention | tokens/s (median, non-padding) | tokens/s trials | peak RSS GB "
@@ -395,7 +417,7 @@ def report(summary: dict, peak: dict, args) -> str:
         "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for method, entry in summary.items():
-        for trainer in ("calltune", "trl"):
+        for trainer in TRAINERS:
             if trainer not in entry:
                 continue
             e = entry[trainer]
@@ -404,15 +426,33 @@ def report(summary: dict, peak: dict, args) -> str:
             lines.append(f"| {method} | {trainer} | {e['attn_implementation']} | {e['tokens_per_s_median']:.0f} "
                          f"| {trials} | {e['peak_rss_gb_max']:.2f} | {e['model_gflops_per_s_median']:.1f} "
                          f"| {e['mfu_median']:.1%} | {losses[0]:.3f} -> {losses[-1]:.3f} |")
-    lines += ["", "| config | tokens/s calltune / TRL | peak RSS calltune / TRL | loss-curve correlation |",
-              "| --- | ---: | ---: | ---: |"]
+    lines += ["", "| config | against | tokens/s calltune / it | peak RSS calltune / it | loss-curve correlation |",
+              "| --- | --- | ---: | ---: | ---: |"]
     for method, entry in summary.items():
-        if "tokens_per_s_ratio_calltune_over_trl" in entry:
-            corr = entry["loss_curve_correlation"]
-            lines.append(f"| {method} | {entry['tokens_per_s_ratio_calltune_over_trl']:.2f}x "
-                         f"| {entry['peak_rss_ratio_calltune_over_trl']:.2f}x "
-                         f"| {'n/a' if corr is None else f'{corr:.2f}'} |")
+        for peer in ("trl", "trl_best"):
+            if f"tokens_per_s_ratio_calltune_over_{peer}" in entry:
+                corr = entry[f"loss_curve_correlation_{peer}"]
+                lines.append(f"| {method} | {peer} | {entry[f'tokens_per_s_ratio_calltune_over_{peer}']:.2f}x "
+                             f"| {entry[f'peak_rss_ratio_calltune_over_{peer}']:.2f}x "
+                             f"| {'n/a' if corr is None else f'{corr:.2f}'} |")
+    lines += ["", verdict(summary)]
     return "\n".join(lines)
+
+
+def verdict(summary: dict) -> str:
+    """What the figures say against TRL at its best: the 1.3x bar calltune's own trainer must clear to be
+    kept, the 10% within which it should be built on SFTTrainer instead, and the 55% share of peak."""
+    out = []
+    for method, entry in summary.items():
+        ratio = entry.get("tokens_per_s_ratio_calltune_over_trl_best")
+        if ratio is not None:
+            call = ("calltune's trainer stays (>= 1.3x)" if ratio >= 1.3 else
+                    "within 10%: build on SFTTrainer" if ratio < 1.1 else "ahead, short of the 1.3x bar")
+            out.append(f"{method}: calltune / trl_best {ratio:.2f}x -> {call}")
+        if "calltune" in entry:
+            out.append(f"{method}: calltune at {entry['calltune']['mfu_median']:.1%} of the bf16 matmul peak "
+                       "(target for full: 55%)")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -425,10 +465,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="rounds of (calltune, trl) per config")
     parser.add_argument("--configs", default="full,lora", help="comma-separated: full, lora")
-    parser.add_argument("--trainers", default="calltune,trl", help="comma-separated: calltune, trl")
+    parser.add_argument("--trainers", default="calltune,trl,trl_best",
+                        help="comma-separated: calltune, trl (TRL's defaults), trl_best (TRL_BEST)")
     parser.add_argument("--calltune-packing", choices=("on", "off"), default="on",
                         help="calltune with padding-free packing into rows of max_length (on, TrainConfig's "
                              "default) or with right-padded batches (off)")
+    parser.add_argument("--calltune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a TrainConfig field for calltune's trials (repeatable; YAML values), e.g. "
+                             "optim=adamw_torch_fused or torch_compile=true")
     parser.add_argument("--train", default=str(DEFAULT_TRAIN), help="ViGGO train.csv")
     parser.add_argument("--seed", type=int, default=0, help="seed of the row sample")
     parser.add_argument("--out", default="runs/bench/train_throughput.json")
@@ -448,8 +492,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown config(s) {unknown}; choices: full, lora")
 
     trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
-    if not trainers or set(trainers) - {"calltune", "trl"}:
-        parser.error(f"--trainers {args.trainers!r}: choices are calltune, trl")
+    if not trainers or set(trainers) - set(TRAINERS):
+        parser.error(f"--trainers {args.trainers!r}: choices are {', '.join(TRAINERS)}")
+    import yaml
+
+    calltune_set = {}
+    for item in args.calltune_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--calltune-set takes KEY=VALUE, got {item!r}")
+        calltune_set[key] = yaml.safe_load(value)
     # A SIGTERM (e.g. from `timeout`) unwinds through subprocess.run, which then kills the running trial.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -472,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
                 spec = {"trainer": trainer, "method": method, "repeat": repeat, "steps": args.steps,
                         "warmup": args.warmup, "rows": args.rows, "batch_size": args.batch_size,
                         "max_length": args.max_length, "seed": args.seed, "train_csv": args.train,
-                        "calltune_packing": args.calltune_packing == "on"}
+                        "calltune_packing": args.calltune_packing == "on", "calltune_set": calltune_set}
                 result = run_trial(spec, log_dir)
                 trials.append(result)
                 print(f"[{time.perf_counter() - started:6.0f} s] {method:4s} {trainer:8s} repeat {repeat}: "
@@ -488,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(trials, peak["bf16"])
     print()
     for method, entry in summary.items():
-        for trainer in ("calltune", "trl"):
+        for trainer in TRAINERS:
             if trainer in entry:
                 losses = entry[trainer]["losses_first_trial"]
                 idx = sorted({0, len(losses) // 3, 2 * len(losses) // 3, len(losses) - 1})

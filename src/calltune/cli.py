@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Literal, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -556,6 +556,26 @@ def _served_models(model: Optional[str], named: list[str]) -> dict[str, str]:
     return out
 
 
+def _serve_vllm(model: Optional[str], named: list[str], host: str, port: int, api_key: Optional[str],
+                data_dir: Optional[Path], tool_call_parser: Optional[str], print_command: bool) -> None:
+    """`calltune serve --engine vllm`: print vLLM's server command for one model, then become that process."""
+    import shlex
+
+    from calltune.infer.vllm_engine import vllm_server_command
+
+    models = _served_models(model, named)
+    if len(models) != 1 or data_dir is not None:
+        raise UsageError("--engine vllm serves one model (a model folder, or a LoRA adapter on its base) and no "
+                         "fine-tuning jobs API; serve several models or --data-dir with the calltune engine")
+    (name, path), = models.items()
+    cmd = vllm_server_command(path, name, host=host, port=port, api_key=api_key, tool_call_parser=tool_call_parser)
+    shown = [("<key>" if i and cmd[i - 1] == "--api-key" else part) for i, part in enumerate(cmd)]
+    console.print(shlex.join(shown), soft_wrap=True, markup=False, highlight=False)
+    if not print_command:
+        sys.stdout.flush()
+        os.execvp(cmd[0], cmd)
+
+
 def _limits(pairs: list[str]):
     """`calltune.serve.protocol.Limits` from ``--limit KEY=N`` options."""
     from pydantic import ValidationError
@@ -615,12 +635,25 @@ def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alia
           max_batch: int = typer.Option(8, "--max-batch", min=1, help="most requests decoding together per "
                                         "loaded model (continuous batching)"),
           max_queue: Optional[int] = typer.Option(None, "--max-queue", min=0, help="most requests waiting for a "
-                                                  "slot per loaded model, beyond which 429 [default: 4x --max-batch]")):
+                                                  "slot per loaded model, beyond which 429 [default: 4x --max-batch]"),
+          engine: Literal["calltune", "vllm"] = typer.Option("calltune", "--engine",
+                                     help="calltune's own server, or vLLM's OpenAI server started with the model's "
+                                          "chat template and tool-call parser (one model; needs vLLM installed)"),
+          tool_call_parser: Optional[str] = typer.Option(None, "--tool-call-parser", help="vllm engine: vLLM's "
+                                                         "tool-call parser [default: the one for the model's format]"),
+          print_command: bool = typer.Option(False, "--print-command", help="vllm engine: print the vLLM command "
+                                             "and exit instead of running it")):
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models (use with the openai client);
-    with --data-dir also /v1/files and /v1/fine_tuning/jobs."""
+    with --data-dir also /v1/files and /v1/fine_tuning/jobs. With --engine vllm, vLLM's server instead."""
     from calltune.runtime import keep_freed_memory
     from calltune.serve import run as run_server
 
+    if engine == "vllm":
+        try:
+            _serve_vllm(model, named, host, port, api_key, data_dir, tool_call_parser, print_command)
+        except _user_errors() as err:
+            _fail(err)
+        return
     keep_freed_memory()
     try:
         limits = _limits(limit)

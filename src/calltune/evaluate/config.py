@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from calltune.evaluate.tasks import TASKS, unknown_task
@@ -15,6 +17,10 @@ class EvalConfig(BaseModel):
     task: str | None = Field(None, description="what to score: viggo, toolcall or bfcl (calltune.evaluate.tasks; "
                                                "default: viggo for the viggo format, bfcl for BFCL examples, "
                                                "else toolcall)")
+    engine: Literal["calltune", "vllm"] = Field(
+        "calltune", description="what generates: calltune's own batched decoder, or vLLM's offline engine "
+                                "(calltune.infer.vllm_engine; needs vLLM installed)")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split across (vllm engine only)")
     batch_size: int = Field(32, ge=1, description="prompts generated together")
     workers: int | None = Field(None, ge=1, description="decoders run in parallel threads, sharing batch_size "
                                                         "(default: calltune.infer.generate's choice)")
@@ -22,6 +28,13 @@ class EvalConfig(BaseModel):
     base: bool = Field(True, description="also evaluate the base model, for the report's comparison")
     constrained: bool = Field(False, description="constrained decoding (calltune.infer.constrained): each call "
                                                  "names an offered tool with schema-valid arguments")
+
+    @model_validator(mode="after")
+    def _engine_supports(self) -> "EvalConfig":
+        if self.engine == "vllm" and self.constrained:
+            raise PydanticCustomError("engine_constrained", "constrained decoding runs on the calltune engine only; "
+                                      "drop constrained or use engine calltune")
+        return self
 
     @field_validator("task")
     @classmethod

@@ -23,6 +23,7 @@ from calltune.evaluate.tasks import Task, default_task, get_task
 from calltune.formats import PromptFormat
 from calltune.infer import load_for_inference
 from calltune.infer.constrained import checked_tool_call_grammar, generate_constrained
+from calltune.infer.vllm_engine import generate_vllm
 from calltune.schema import Example
 
 UNPARSEABLE = "(unparseable)"
@@ -115,6 +116,15 @@ def confusion_png(pairs: list[tuple[str, str]], path: Path, title: str, top: int
     return path
 
 
+def _tokenizer_and_format(model_name: str):
+    """The tokenizer and saved format of a model, without loading its weights (the vllm engine loads its own)."""
+    from calltune.formats import load_format
+    from calltune.models import load_tokenizer, resolve_model
+
+    path = resolve_model(model_name)
+    return load_tokenizer(path), load_format(path)
+
+
 def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path, cfg: EvalConfig | None = None,
                    fmt: PromptFormat | None = None, loaded: tuple | None = None) -> dict[str, Any]:
     """Generate for `examples` with `model_name`, score them as the task (`resolve_task`), write the artefacts.
@@ -127,7 +137,8 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
         cfg: the task and generation settings (default `EvalConfig()`).
         fmt: the prompt format; when given it wins over the format saved with the model; when None,
             the saved one (a base model has none, so then a format must be given).
-        loaded: an already loaded ``(model, tokenizer, fmt)`` to reuse.
+        loaded: an already loaded ``(model, tokenizer, fmt)`` to reuse (the calltune engine only; the
+            vllm engine, ``cfg.engine``, loads the model into vLLM from its folder).
 
     Returns:
         The metrics dict written to metrics.json: the task's metrics, ``task``, ``model``,
@@ -141,7 +152,10 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     cfg = cfg or EvalConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, saved = loaded or load_for_inference(model_name)
+    if cfg.engine == "vllm":
+        model, tokenizer, saved = None, *_tokenizer_and_format(model_name)
+    else:
+        model, tokenizer, saved = loaded or load_for_inference(model_name)
     fmt = fmt if fmt is not None else saved
     if fmt is None:
         raise CalltuneError(f"{model_name} has no saved prompt format; pass one (e.g. --format viggo)")
@@ -152,13 +166,18 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     grammars = None  # unconstrained: generate_constrained is plain `generate`
     if cfg.constrained:
         grammars = [checked_tool_call_grammar(tokenizer, fmt, e.tools) if e.tools else None for e in examples]
-    generations = generate_constrained(model, tokenizer, prompts, grammars, max_new_tokens=cfg.max_new_tokens,
-                                       batch_size=cfg.batch_size, progress=True, workers=cfg.workers)
+    if cfg.engine == "vllm":
+        generations = generate_vllm(model_name, prompts, max_new_tokens=cfg.max_new_tokens,
+                                    eos_token_id=tokenizer.eos_token_id, tensor_parallel_size=cfg.tensor_parallel_size)
+    else:
+        generations = generate_constrained(model, tokenizer, prompts, grammars, max_new_tokens=cfg.max_new_tokens,
+                                           batch_size=cfg.batch_size, progress=True, workers=cfg.workers)
     seconds = time.perf_counter() - start
     parsed = [fmt.parse(g.text) for g in generations]
     metrics, per_example = task.score(examples, parsed)
     new_tokens = sum(g.completion_tokens for g in generations)
     metrics.update({"task": task.name, "model": str(model_name), "format": fmt.name, "constrained": cfg.constrained,
+                    "engine": cfg.engine,
                     "eval_seconds": round(seconds, 2),
                     "generated_tokens": new_tokens, "generated_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)})
     pairs = []

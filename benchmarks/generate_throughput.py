@@ -103,9 +103,10 @@ def plain_generate(model, tokenizer, prompts: list[list[int]], batch_size: int, 
     return texts, counts
 
 
-@torch.inference_mode()
 def batch_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int):
-    """transformers' continuous batching (``generate_batch``); returns (texts, generated token counts) in prompt order."""
+    """transformers' continuous batching (``generate_batch``); returns (texts, generated token counts) in prompt order.
+    Not under ``torch.inference_mode``: its decode thread updates cache tensors in place, which inference
+    mode's tensors refuse outside it."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,

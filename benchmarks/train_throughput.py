@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                              "default) or with right-padded batches (off)")
     parser.add_argument("--calltune-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a TrainConfig field for calltune's trials (repeatable; YAML values), e.g. "
-                             "optim=adamw_torch_fused or torch_compile=true")
+                             "optim=adamw_torch_fused")
     parser.add_argument("--train", default=str(DEFAULT_TRAIN), help="ViGGO train.csv")
     parser.add_argument("--seed", type=int, default=0, help="seed of the row sample")
     parser.add_argument("--out", default="runs/bench/train_throughput.json")

@@ -57,9 +57,6 @@ class TrainConfig(BaseModel):
         "eager", description="attention kernel (a transformers name): eager is faster than sdpa on CPU for "
                              "short sequences; sdpa for long ones, whose eager score matrices grow quadratically")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory")
-    compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation, dynamic "
-                                             "shapes): fused kernels for the norms, activations and casts, "
-                                             "paid for by a compilation at the first steps")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     seed: int = 0
     logging_steps: int = Field(10, ge=1, description="log loss and tokens/s every N steps")

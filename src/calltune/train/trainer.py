@@ -310,23 +310,7 @@ def prepare_model(model_name: str, cfg: TrainConfig):
     if cfg.method in ("lora", "qlora"):
         model = get_peft_model(model, _lora_config(cfg))
     model.config.use_cache = False
-    if cfg.compile:
-        compile_layers(model)
     return model, tokenizer
-
-
-def compile_layers(model) -> int:
-    """Regional compilation: ``torch.compile`` each decoder layer in place (``dynamic=True``, since packed
-    batches change length every step), the PyTorch-recommended way for a stack of identical blocks:
-    one compiled graph serves every layer. The loss, LM head and optimizer stay eager. Returns the
-    number of layers compiled."""
-    decoder, _ = causal_lm_parts(model)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise CalltuneError(f"train.compile: {type(decoder).__name__} has no `layers` to compile")
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
 
 
 def per_device_batch_size(cfg: TrainConfig, processes: int) -> int:

@@ -341,10 +341,14 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, **overrides) -> Train
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=1,
         report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        activation_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False,
+        remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
         use_cpu=not torch.cuda.is_available(),
     )
+    # transformers renamed gradient_checkpointing to activation_checkpointing; earlier 5.x know only the old name.
+    fields = TrainingArguments.__dataclass_fields__
+    kwargs["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = \
+        cfg.gradient_checkpointing
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 

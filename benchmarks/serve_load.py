@@ -5,6 +5,7 @@ Run (starts the server itself, once per ``--max-batch`` value and engine, on a f
     python benchmarks/serve_load.py          # smollm2-135m-instruct: 8 clients and 1, at --max-batch 8 and 1
     python benchmarks/serve_load.py --model runs/bfcl-default/model --clients 16,1 --requests 64 --max-batch 16,1
     python benchmarks/serve_load.py --clients 4 --requests 8 --max-tokens 16   # smoke run
+    python benchmarks/serve_load.py --max-batch 8 --prefix-cache-mb 512,0   # with and without the prefix cache
     .venv-vllm/bin/python benchmarks/serve_load.py --model runs/bfcl-default/model --engines calltune,vllm
 
 Owns the benchmark only: nothing in `calltune` imports it. For each ``--max-batch`` value it starts
@@ -78,7 +79,7 @@ def _free_port() -> int:
 
 
 def _start(model: str, port: int, max_batch: int, max_queue: int, constrained: bool,
-           engine: str = "calltune") -> subprocess.Popen:
+           engine: str = "calltune", prefix_cache_mb: int | None = None) -> subprocess.Popen:
     """`calltune serve` in a subprocess; returns once /health answers (or raises with its output)."""
     command = [sys.executable, "-c", "from calltune.cli import main; main()", "serve", model, "--port", str(port)]
     if engine == "vllm":  # vLLM's server, with the model's chat template and tool-call parser
@@ -86,6 +87,8 @@ def _start(model: str, port: int, max_batch: int, max_queue: int, constrained: b
     else:
         command += ["--max-batch", str(max_batch), "--max-queue", str(max_queue),
                     "--constrained" if constrained else "--no-constrained"]
+        if prefix_cache_mb is not None:
+            command += ["--prefix-cache-mb", str(prefix_cache_mb)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 1200  # vLLM's engine start takes minutes on a CPU
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests", type=int, default=32, help="requests per setting")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", default="8,1", help="comma-separated --max-batch values to compare")
+    parser.add_argument("--prefix-cache-mb", default="", help="comma-separated --prefix-cache-mb values to compare "
+                        "(calltune engine; default: the server's)")
     parser.add_argument("--no-constrained", action="store_true", help="serve with --no-constrained")
     parser.add_argument("--engines", default="calltune", help="comma-separated: calltune (once per --max-batch), "
                         "vllm (`calltune serve --engine vllm`: needs vLLM here and a model calltune saved)")
@@ -179,12 +184,14 @@ def main(argv: list[str] | None = None) -> dict:
     clients = [int(c) for c in args.clients.split(",")]
     settings: dict[str, dict] = {}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    runs = [("calltune", int(b)) for b in args.max_batch.split(",")] if "calltune" in engines else []
-    runs += [("vllm", 0)] if "vllm" in engines else []
-    for engine, max_batch in runs:
+    caches = [int(c) for c in args.prefix_cache_mb.split(",")] if args.prefix_cache_mb else [None]
+    runs = [("calltune", int(b), c) for b in args.max_batch.split(",") for c in caches] if "calltune" in engines else []
+    runs += [("vllm", 0, None)] if "vllm" in engines else []
+    for engine, max_batch, cache_mb in runs:
         port = _free_port()
-        proc = _start(args.model, port, max_batch, max(clients), not args.no_constrained, engine)
+        proc = _start(args.model, port, max_batch, max(clients), not args.no_constrained, engine, cache_mb)
         label = f"calltune --max-batch {max_batch}" if engine == "calltune" else "vllm"
+        label += f" --prefix-cache-mb {cache_mb}" if cache_mb is not None else ""
         try:
             for n in clients:
                 print(f"{label}: {args.requests} requests from {n} clients ...", flush=True)

@@ -12,6 +12,7 @@ with Retry-After.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -19,7 +20,7 @@ import httpx
 import pytest
 import torch
 
-from calltune.infer.generate import generate
+from calltune.infer.generate import PrefixStore, generate
 from calltune.infer.registry import ModelRegistry
 from calltune.infer.scheduler import BatchScheduler
 from serving import running, tiny_models
@@ -118,6 +119,59 @@ def test_batched_greedy_and_seeded_rows_get_their_alone_tokens(registry, tokeniz
         assert scheduler.wait_idle(5) and scheduler.in_flight == 0
     finally:
         scheduler.close()
+
+
+
+def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(registry, tokenizer):
+    served = registry.get("tiny-base")
+    cached = BatchScheduler(served.model, tokenizer, max_batch=2, name="cached")
+    uncached = BatchScheduler(served.model, tokenizer, max_batch=2, name="uncached", prefix_cache_mb=0)
+    try:
+        system = "You call tools. Tools: set_light(state), ping(). " * 4
+        prompts = [tokenizer(system + q)["input_ids"] for q in ["lights on", "ping the server now", "lights off"]]
+        shared = len(os.path.commonprefix(prompts))
+        first = cached.submit(prompts[0], 8, adapter="__base__").result(30)
+        assert cached.stats["prefix_reused"] == 0
+        later = [cached.submit(p, 8, adapter="__base__").result(30) for p in prompts[1:]]
+        assert cached.stats["prefix_reused"] >= 2 * shared  # each later prompt reused at least the system prompt
+        fresh = [uncached.submit(p, 8, adapter="__base__").result(30) for p in prompts]
+        assert uncached.stats["prefix_reused"] == 0
+        assert [g.text for g in [first, *later]] == [g.text for g in fresh]
+        # The adapter's keys differ from the base's: its rows never reuse the base's entries.
+        reused = cached.stats["prefix_reused"]
+        tuned = cached.submit(prompts[1], 8, adapter="tiny").result(30)
+        assert cached.stats["prefix_reused"] == reused
+        with torch.inference_mode():
+            assert tuned.text == generate(served.model, tokenizer, prompts[1:2], max_new_tokens=8)[0].text
+    finally:
+        cached.close()
+        uncached.close()
+
+
+def test_the_prefix_store_keeps_the_longest_prefixes_within_its_bytes():
+    token = 32  # bytes per token: two layers of (1, 1, n, 2) float32 keys and values
+
+    def kv(n):
+        return [(torch.full((1, 1, n, 2), float(n)), torch.full((1, 1, n, 2), -float(n))) for _ in range(2)]
+
+    store = PrefixStore(max_bytes=token * 10)  # ten tokens' worth
+    assert store.longest(None, [1, 2, 3]) == (0, [])
+    store.put(None, [1, 2, 3], kv(3))
+    store.put(None, [1, 2, 3, 4, 5], kv(5))  # holds [1, 2, 3]: that entry goes
+    assert list(store.entries) == [(None, (1, 2, 3, 4, 5))] and store.bytes == token * 5
+    store.put(None, [1, 2], kv(2))  # already held
+    assert len(store.entries) == 1
+    n, found = store.longest(None, [1, 2, 3, 9])
+    assert n == 3 and found[0][0].shape[2] == 5
+    assert store.longest("adapter", [1, 2, 3])[0] == 0  # entries are per adapter
+    store.put("adapter", [7, 8, 9], kv(3))
+    store.put(None, [4, 4], kv(2))  # 5 + 3 + 2 tokens: at the limit, all kept
+    assert store.bytes == token * 10 and len(store.entries) == 3
+    store.longest(None, [1, 2])  # touching the oldest makes the adapter's entry the least recently used
+    store.put(None, [6], kv(1))
+    assert ("adapter", (7, 8, 9)) not in store.entries and store.bytes == token * 8
+    store.put(None, list(range(20)), kv(20))  # larger than the store: not kept
+    assert store.bytes == token * 8
 
 
 # -- the server ------------------------------------------------------------------------------------

@@ -636,6 +636,9 @@ def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alia
                                         "loaded model (continuous batching)"),
           max_queue: Optional[int] = typer.Option(None, "--max-queue", min=0, help="most requests waiting for a "
                                                   "slot per loaded model, beyond which 429 [default: 4x --max-batch]"),
+          prefix_cache_mb: int = typer.Option(512, "--prefix-cache-mb", min=0, help="keys and values of earlier "
+                                              "prompts kept per loaded model, so a prompt that starts like one "
+                                              "(same system prompt and tools) prefills only the rest; 0: none"),
           engine: Literal["calltune", "vllm"] = typer.Option("calltune", "--engine",
                                      help="calltune's own server, or vLLM's OpenAI server started with the model's "
                                           "chat template and tool-call parser (one model; needs vLLM installed)"),
@@ -663,7 +666,8 @@ def serve(model: Optional[str] = typer.Argument(None, help="model to serve (alia
                       + (f", fine-tuning {', '.join(jobs.allowed)} (data in {data_dir})" if jobs else "")
                       + (" (API key required)" if api_key else ""))
         run_server(models, host=host, port=port, api_key=api_key, constrained=constrained,
-                   default_max_tokens=max_tokens, limits=limits, jobs=jobs, max_batch=max_batch, max_queue=max_queue)
+                   default_max_tokens=max_tokens, limits=limits, jobs=jobs, max_batch=max_batch, max_queue=max_queue,
+                   prefix_cache_mb=prefix_cache_mb)
     except _user_errors() as err:
         _fail(err)
 

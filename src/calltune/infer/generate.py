@@ -641,17 +641,14 @@ class _Decoder:
 
     def _prefill_chunk(self, rows: list[int], first: int) -> None:
         """Prefill prompts `rows` into slots first.., after the live rows."""
-        from transformers import DynamicCache
-
         k = len(rows)
         start = self.prefix_len  # the common prefix of all prompts is in self.prefix, not in the rows' cache
         prompts = [self.prompts[i][start:] for i in rows]
         shared = _common_prefix(prompts)
-        cache = DynamicCache(config=self.model.config)
-        if shared:  # the prefix these prompts share once, at batch size 1, then repeated for every row
-            self._prefill_one(prompts[0][:shared], start, cache, self.prefix, **self._forward_kwargs(rows[:1]))
-            if k > 1:
-                cache.batch_repeat_interleave(k)
+        # The prefix these prompts share, once at batch size 1, then repeated for every row.
+        cache = self._shared_cache(rows, prompts[0][:shared], start)
+        if shared and k > 1:
+            cache.batch_repeat_interleave(k)
         # The rest of each prompt, left-padded after the prefix: [prefix][pad...][rest].
         width = max(len(p) for p in prompts) - shared
         ids = torch.full((k, width), self.pad, dtype=torch.long)
@@ -678,6 +675,16 @@ class _Decoder:
         self.columns += [shared + width] * k
         self.positions += (positions[:, -1] + 1).tolist()
         self.last += [None] * k
+
+    def _shared_cache(self, rows: list[int], tokens: list[int], start: int):
+        """A batch-1 `DynamicCache` holding `tokens`, the prefix that prompts `rows` share, at positions
+        start.. (behind the common prefix of all prompts); empty when `tokens` is."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if tokens:
+            self._prefill_one(tokens, start, cache, self.prefix, **self._forward_kwargs(rows[:1]))
+        return cache
 
     def _leave(self, done: list[int]) -> torch.Tensor:
         """Drop the rows in slots `done`: the last live rows move into the freed slots below the new end.
@@ -745,6 +752,81 @@ def _hits_stop(tokenizer, tokens: list[int], stop: list[str]) -> bool:
     return any(s in tail for s in stop)
 
 
+# Keys and values a server's decode loop keeps of earlier prompts (`PrefixStore`), per loaded model.
+PREFIX_CACHE_BYTES = 512 * 2 ** 20
+
+
+class PrefixStore:
+    """Keys and values of recent prompt prefixes, kept across requests so a new prompt that starts
+    with one (the same system prompt and tools, an earlier turn of the conversation) prefills only its
+    remaining tokens.
+
+    Entries are per adapter (a LoRA adapter changes the keys and values), least recently used first out
+    once their tensors pass `max_bytes`. A key or value of the first m tokens of a prompt does not
+    depend on the tokens after them (causal attention), so the longest common prefix of a new prompt
+    with any stored one is reusable, whatever each continues with.
+
+    Args:
+        max_bytes: most bytes of keys and values kept; 0 keeps nothing.
+    """
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[tuple[str | None, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] = \
+            OrderedDict()
+
+    def longest(self, adapter: str | None, tokens: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The most leading tokens of `tokens` some entry of `adapter` holds, and that entry's per-layer
+        (keys, values), each (1, kv_heads, n, head_dim) with n at least that count; (0, []) when none."""
+        best, found, key = 0, [], None
+        for (owner, stored), kv in self.entries.items():
+            if owner != adapter:
+                continue
+            n = _common_length(stored, tokens)
+            if n > best:
+                best, found, key = n, kv, (owner, stored)
+        if key is not None:
+            self.entries.move_to_end(key)
+        return best, found
+
+    def put(self, adapter: str | None, tokens: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep `kv` (per layer, keys and values of exactly `tokens`) for `adapter`; entries that are a
+        prefix of `tokens` go (this one holds them), and nothing is added when one already extends it."""
+        tokens = tuple(tokens)
+        size = sum(k.nbytes + v.nbytes for k, v in kv)
+        if size > self.max_bytes:
+            return
+        for key in list(self.entries):
+            owner, stored = key
+            if owner != adapter:
+                continue
+            n = _common_length(stored, tokens)
+            if n == len(tokens):  # an entry already holds all of it
+                self.entries.move_to_end(key)
+                return
+            if n == len(stored):
+                self._drop(key)
+        self.entries[(adapter, tokens)] = kv
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key) -> None:
+        self.bytes -= sum(k.nbytes + v.nbytes for k, v in self.entries.pop(key))
+
+
+def _common_length(a: tuple[int, ...], b) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 @dataclass
 class DecodeRequest:
     """One prompt for a `ContinuousDecoder`, with its own settings (`generate`'s arguments, per row).
@@ -800,18 +882,22 @@ class ContinuousDecoder(_Decoder):
     own budget, sampling settings and generator, stop strings, logits hook (its grammar), streamer and
     cancel callable. Rows that join together are prefilled together (left-padded, as in `generate`,
     so a row's positions and greedy tokens are those it has alone). The cache grows to the longest
-    prompt plus budget that has joined. There is no prefix shared by every prompt (they are not
-    known in advance); prompts that join at once still share theirs.
+    prompt plus budget that has joined. Prompts are not known in advance, so there is no prefix
+    shared by every prompt; instead, the keys and values of each prefilled prompt go to a
+    `PrefixStore` (`prefix_cache_bytes`), and a later prompt that starts the same way (the same
+    system prompt and tools, the turns before its last) prefills only what follows the longest stored
+    match. Prompts that join at once share their common prefix too.
 
     On a PEFT model (`peft.PeftModel`: adapters not merged), each row runs with its request's `adapter`
     (None: the base): every forward passes PEFT's ``adapter_names`` (its mixed-adapter batches,
     LoRA only), and rows that join together are prefilled per adapter.
 
     Attributes (read them from any thread): ``steps`` (decode steps run), ``max_live`` (most rows in
-    one step), ``row_steps`` (rows summed over steps), ``finished`` (requests that left).
+    one step), ``row_steps`` (rows summed over steps), ``finished`` (requests that left),
+    ``prefix_reused`` (prompt tokens taken from the `PrefixStore` instead of prefilled).
     """
 
-    def __init__(self, model, tokenizer, capacity: int):
+    def __init__(self, model, tokenizer, capacity: int, prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         import itertools
         import queue
 
@@ -824,7 +910,9 @@ class ContinuousDecoder(_Decoder):
         self.hook = self._constrain
         self.intake: queue.Queue[DecodeRequest | None] = queue.Queue()
         self._ids = itertools.count()
-        self.steps = self.max_live = self.row_steps = self.finished = 0
+        self.steps = self.max_live = self.row_steps = self.finished = self.prefix_reused = 0
+        # Kept across _reset: the stored keys and values depend only on the weights.
+        self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._reset()
 
     def _reset(self) -> None:
@@ -962,6 +1050,27 @@ class ContinuousDecoder(_Decoder):
         self._reserve(max(len(self.prompts[r]) for r in rows) + max(self.requests[r].request.max_new_tokens
                                                                     for r in rows))
         super()._prefill_chunk(rows, first)
+
+    def _shared_cache(self, rows: list[int], tokens: list[int], start: int):
+        """`_Decoder._shared_cache`, starting from the longest match in the `PrefixStore` and storing the result."""
+        from transformers import DynamicCache
+
+        if self.prefix_store is None or not tokens:
+            return super()._shared_cache(rows, tokens, start)
+        adapter = (self.requests[rows[0]].request.adapter or "__base__") if self.adapters else None
+        reused, stored = self.prefix_store.longest(adapter, tokens)
+        cache = DynamicCache(config=self.model.config)
+        for layer, (keys, values) in enumerate(stored):
+            cache.update(keys[:, :, :reused], values[:, :, :reused], layer)
+        if reused < len(tokens):
+            n = len(tokens)
+            self.model(input_ids=torch.tensor([tokens[reused:]], device=self.device),
+                       attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
+                       position_ids=torch.arange(start + reused, start + n, device=self.device)[None],
+                       use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}, **self._forward_kwargs(rows[:1]))
+        self.prefix_reused += reused
+        self.prefix_store.put(adapter, tokens, [(layer.keys, layer.values) for layer in cache.layers])
+        return cache
 
     def _reserve(self, columns: int) -> None:
         """Make the cache and the token mask hold `columns` columns per slot (grown, never shrunk)."""

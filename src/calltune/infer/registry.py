@@ -69,13 +69,14 @@ class ModelRegistry:
         allow_empty: no models yet (a fine-tuning server adds them).
         max_batch: most requests decoding at once per loaded model (`BatchScheduler`).
         max_queue: most requests waiting per loaded model before more are refused (default 4 * max_batch).
+        prefix_cache_mb: MiB of earlier prompts' keys and values each loaded model keeps (`BatchScheduler`).
 
     Raises:
         CalltuneError: no models (without `allow_empty`); max_batch below 1 or max_queue below 0.
     """
 
     def __init__(self, models: dict[str, str], dtype: torch.dtype | None = None, allow_empty: bool = False,
-                 max_batch: int = 8, max_queue: int | None = None):
+                 max_batch: int = 8, max_queue: int | None = None, prefix_cache_mb: int | None = None):
         if not models and not allow_empty:
             raise CalltuneError("give at least one model to serve (--model NAME=PATH)")
         if max_batch < 1:
@@ -84,6 +85,7 @@ class ModelRegistry:
             raise CalltuneError(f"max_queue (--max-queue) must be at least 0, got {max_queue}")
         self.max_batch = max_batch
         self.max_queue = 4 * max_batch if max_queue is None else max_queue
+        self.prefix_cache_mb = prefix_cache_mb
         self.lock = threading.Lock()  # guards `models` and `_schedulers`
         self._schedulers: dict[int, Any] = {}  # id(loaded model) -> its BatchScheduler
         self.models: dict[str, ServedModel] = {}
@@ -148,8 +150,9 @@ class ModelRegistry:
         with self.lock:
             key = id(served.model)
             if key not in self._schedulers:
+                bounds = {} if self.prefix_cache_mb is None else {"prefix_cache_mb": self.prefix_cache_mb}
                 self._schedulers[key] = BatchScheduler(served.model, served.tokenizer, self.max_batch, self.max_queue,
-                                                       name=served.name)
+                                                       name=served.name, **bounds)
             return self._schedulers[key]
 
     def most_requests(self) -> int:

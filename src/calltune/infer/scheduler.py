@@ -21,7 +21,7 @@ import threading
 from typing import Any, Callable
 
 from calltune.errors import CalltuneError
-from calltune.infer.generate import ContinuousDecoder, DecodeRequest, Generation
+from calltune.infer.generate import PREFIX_CACHE_BYTES, ContinuousDecoder, DecodeRequest, Generation
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,22 @@ class BatchScheduler:
         max_batch: most requests decoding at once (slots of the KV cache).
         max_queue: most requests waiting for a slot; one more raises `QueueFull`. Default 4 * max_batch.
         name: names the thread (``calltune-batch-NAME``).
+        prefix_cache_mb: most MiB of earlier prompts' keys and values kept for prompts that start the
+            same way (`calltune.infer.generate.PrefixStore`); 0 keeps none.
 
     Raises:
         ValueError: max_batch below 1 or max_queue below 0.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int | None = None, name: str = "model"):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int | None = None, name: str = "model",
+                 prefix_cache_mb: int = PREFIX_CACHE_BYTES // 2 ** 20):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         max_queue = 4 * max_batch if max_queue is None else max_queue
         if max_queue < 0:
             raise ValueError(f"max_queue must be at least 0, got {max_queue}")
         self.name, self.max_batch, self.max_queue = name, max_batch, max_queue
-        self.decoder = ContinuousDecoder(model, tokenizer, max_batch)
+        self.decoder = ContinuousDecoder(model, tokenizer, max_batch, prefix_cache_bytes=prefix_cache_mb * 2 ** 20)
         self._changed = threading.Condition()
         self.in_flight = 0  # submitted and not yet finished: running or waiting
         self._seconds = 1.0  # moving mean of a request's time from submit to finish (for Retry-After)
@@ -103,10 +106,11 @@ class BatchScheduler:
     @property
     def stats(self) -> dict[str, int]:
         """Counters of the decode loop: ``steps`` (decode steps), ``max_live`` (most rows in one step),
-        ``row_steps`` (rows summed over steps), ``finished`` (requests done), ``in_flight`` (now)."""
+        ``row_steps`` (rows summed over steps), ``finished`` (requests done), ``in_flight`` (now),
+        ``prefix_reused`` (prompt tokens taken from the prefix cache instead of prefilled)."""
         d = self.decoder
         return {"steps": d.steps, "max_live": d.max_live, "row_steps": d.row_steps, "finished": d.finished,
-                "in_flight": self.in_flight}
+                "in_flight": self.in_flight, "prefix_reused": d.prefix_reused}
 
     def submit(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | None = None, grammar: str | None = None,

@@ -132,7 +132,7 @@ class ApiKey:
 
 def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = None, constrained: bool = True,
                default_max_tokens: int = 512, limits: Limits | None = None, jobs=None, max_batch: int = 8,
-               max_queue: int | None = None) -> FastAPI:
+               max_queue: int | None = None, prefix_cache_mb: int | None = None) -> FastAPI:
     """The server app for `models` (``{name: model}`` or a loaded `ModelRegistry`, which keeps its own
     batch bounds; the app stops the decode loops of a registry it made when it shuts down).
 
@@ -147,13 +147,15 @@ def create_app(models: dict[str, str] | ModelRegistry, api_key: str | None = Non
             `models` may be empty); uploads get its `max_upload_bytes` instead of the body limit.
         max_batch: most requests decoding at once per loaded model.
         max_queue: most requests waiting for a slot per loaded model (default 4 * max_batch); beyond it, 429.
+        prefix_cache_mb: MiB of earlier prompts' keys and values kept per loaded model, so a prompt that
+            starts like an earlier one (same system prompt and tools) prefills only the rest (default 512).
 
     ``app.state.stopping`` (a `threading.Event`): set it to stop every running generation at its
     next step and refuse new ones (`run` sets it on SIGTERM and Ctrl-C).
     """
     own = not isinstance(models, ModelRegistry)
-    registry = ModelRegistry(models, allow_empty=jobs is not None, max_batch=max_batch,
-                             max_queue=max_queue) if own else models
+    registry = ModelRegistry(models, allow_empty=jobs is not None, max_batch=max_batch, max_queue=max_queue,
+                             prefix_cache_mb=prefix_cache_mb) if own else models
     if constrained and not cd.available():
         log.warning("llguidance is not installed: serving without constrained decoding "
                     "(pip install 'calltune[serve]')")
@@ -347,14 +349,15 @@ def _sse(cid: str, created: int, model: str, events: Iterator, include_usage: bo
 
 def run(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         constrained: bool = True, default_max_tokens: int = 512, limits: Limits | None = None, jobs=None,
-        max_batch: int = 8, max_queue: int | None = None) -> None:
+        max_batch: int = 8, max_queue: int | None = None, prefix_cache_mb: int | None = None) -> None:
     """Load `models` and serve them with uvicorn until SIGTERM or Ctrl-C, which stop running
     generations at their next step, so the server exits within seconds. `jobs`, `max_batch`,
-    `max_queue`: as in `create_app`."""
+    `max_queue`, `prefix_cache_mb`: as in `create_app`."""
     import uvicorn
 
     app = create_app(models, api_key=api_key, constrained=constrained, default_max_tokens=default_max_tokens,
-                     limits=limits, jobs=jobs, max_batch=max_batch, max_queue=max_queue)
+                     limits=limits, jobs=jobs, max_batch=max_batch, max_queue=max_queue,
+                     prefix_cache_mb=prefix_cache_mb)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=FULL_VALID, help="validation rows for calltune and plain_batched")
     parser.add_argument("--baseline-rows", type=int, default=64, help="rows for the one-at-a-time baseline")
     parser.add_argument("--batch-size", type=int, default=16, help="batch of the plain batched baseline")
+    parser.add_argument("--generate-batch-rows", type=int, default=None,
+                        help="the first N rows only for generate_batch (default: all; on a CPU it may take long)")
     parser.add_argument("--calltune-batch-size", type=int, default=384,
                         help="most rows decoding at once in calltune.infer.generate (the ViGGO recipes' eval.batch_size)")
     parser.add_argument("--repeats", type=int, default=3, help="calltune runs; the median wall time is reported")
@@ -239,9 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     if "generate_batch" in methods:
         (plain, plain_tok), load_s = timed(lambda: load_plain(args.model))
         batch_generate(plain, plain_tok, prompts[:1], 4)  # warm-up
-        (out, counts), secs = timed(lambda: batch_generate(plain, plain_tok, prompts, args.max_new_tokens))
+        subset = prompts[:args.generate_batch_rows or len(prompts)]
+        (out, counts), secs = timed(lambda: batch_generate(plain, plain_tok, subset, args.max_new_tokens))
         texts["generate_batch"] = out
-        results["generate_batch"] = method_result(len(prompts), secs, sum(counts), load_s, batch_size="auto")
+        results["generate_batch"] = method_result(len(subset), secs, sum(counts), load_s, batch_size="auto")
         print(f"generate_batch: {results['generate_batch']['tokens_per_s']:.1f} tokens/s, {secs:.1f} s", flush=True)
         del plain
 

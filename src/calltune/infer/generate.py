@@ -818,6 +818,14 @@ class PrefixStore:
         self.bytes -= sum(k.nbytes + v.nbytes for k, v in self.entries.pop(key))
 
 
+def _full_cache(model) -> bool:
+    """Whether every layer of `model`'s `DynamicCache` keeps all positions (no sliding window)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
 def _common_length(a: tuple[int, ...], b) -> int:
     """How many leading tokens `a` and `b` share."""
     n = min(len(a), len(b))
@@ -911,8 +919,9 @@ class ContinuousDecoder(_Decoder):
         self.intake: queue.Queue[DecodeRequest | None] = queue.Queue()
         self._ids = itertools.count()
         self.steps = self.max_live = self.row_steps = self.finished = self.prefix_reused = 0
-        # Kept across _reset: the stored keys and values depend only on the weights.
-        self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # Kept across _reset: the stored keys and values depend only on the weights. Only for caches that
+        # keep every position (a sliding-window layer drops the oldest, so its keys are no prefix).
+        self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes > 0 and _full_cache(model) else None
         self._reset()
 
     def _reset(self) -> None:

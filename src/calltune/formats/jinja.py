@@ -1,8 +1,8 @@
 """A prompt format as a Jinja chat template, so runtimes that only read the tokenizer's template
 (``transformers.apply_chat_template`` and those built on it, such as vLLM) lay out prompts as
 calltune trained them. The templates use what transformers' sandboxed Jinja offers (``namespace``,
-``tojson(separators=...)``, string methods, ``loopcontrols``); other Jinja implementations (llama.cpp's
-minja) are not checked.
+``tojson(separators=...)``, string methods, ``loopcontrols``); llama.cpp's own Jinja engine can't parse
+them yet (``dict(d, **{...})``; tests/test_llama_cpp_template.py).
 
 Owns `chat_template_for` (format + tokenizer -> template text), `write_chat_template` (what
 `calltune.formats.save_format` calls to put that template into a saved tokenizer folder) and

@@ -1,5 +1,7 @@
 """vLLM as calltune's engine for scale (`calltune.infer.vllm_engine`), on a tiny tuned SmolLM2.
 
+The evaluation's default engine (``auto``) is vLLM wherever vLLM is installed and decoding is unconstrained.
+
 Without vLLM: the server command calltune builds (template, parser, LoRA module) and its refusals.
 With vLLM (``make test-vllm``: vLLM lives in its own environment, see the README): `calltune eval
 --engine vllm` makes the same parsed calls as calltune's engine on the same prompts (greedy), and the
@@ -100,6 +102,22 @@ def test_eval_config_refuses_constrained_decoding_on_vllm():
         EvalConfig(engine="vllm", constrained=True)
 
 
+def test_the_default_engine_is_vllm_where_it_is_installed_and_decoding_is_free(monkeypatch):
+    import importlib.util
+
+    from calltune.evaluate.config import EvalConfig
+
+    real = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (real("json") if installed else None) if name == "vllm" else real(name, *a))
+        assert EvalConfig().engine == "auto"
+        assert EvalConfig().resolved_engine() == ("vllm" if installed else "calltune")
+        assert EvalConfig(constrained=True).resolved_engine() == "calltune"  # vLLM runs no calltune grammar
+        assert EvalConfig(engine="calltune").resolved_engine() == "calltune"
+        assert EvalConfig(engine="vllm").resolved_engine() == "vllm"
+
+
 # -- with vLLM ---------------------------------------------------------------------------------------
 def _parsed(out_dir: Path) -> list[list[dict]]:
     return [json.loads(line)["parsed"] for line in (out_dir / "predictions.jsonl").read_text().splitlines()]
@@ -111,9 +129,10 @@ def test_eval_with_vllm_makes_the_same_calls_as_calltune(merged, tmp_path):
     from calltune.evaluate.runner import evaluate_model
 
     rows = examples()
-    ours = evaluate_model(merged, rows, tmp_path / "calltune", EvalConfig(task="toolcall", max_new_tokens=80))
-    theirs = evaluate_model(merged, rows, tmp_path / "vllm", EvalConfig(task="toolcall", max_new_tokens=80,
-                                                                        engine="vllm"))
+    ours = evaluate_model(merged, rows, tmp_path / "calltune", EvalConfig(task="toolcall", max_new_tokens=80,
+                                                                          engine="calltune"))
+    theirs = evaluate_model(merged, rows, tmp_path / "vllm", EvalConfig(task="toolcall", max_new_tokens=80))
+    # with vLLM installed, the default engine (auto) is vLLM's
     expected = _parsed(tmp_path / "calltune")
     assert sum(bool(p) for p in expected) >= 3  # the tuned model calls: the comparison has teeth
     assert _parsed(tmp_path / "vllm") == expected

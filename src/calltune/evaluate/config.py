@@ -17,9 +17,10 @@ class EvalConfig(BaseModel):
     task: str | None = Field(None, description="what to score: viggo, toolcall or bfcl (calltune.evaluate.tasks; "
                                                "default: viggo for the viggo format, bfcl for BFCL examples, "
                                                "else toolcall)")
-    engine: Literal["calltune", "vllm"] = Field(
-        "calltune", description="what generates: calltune's own batched decoder, or vLLM's offline engine "
-                                "(calltune.infer.vllm_engine; needs vLLM installed)")
+    engine: Literal["auto", "calltune", "vllm"] = Field(
+        "auto", description="what generates: vLLM's offline engine (calltune.infer.vllm_engine; needs vLLM "
+                            "installed), calltune's own batched decoder, or auto: vLLM when it is installed and "
+                            "decoding is unconstrained, else calltune's")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split across (vllm engine only)")
     batch_size: int = Field(32, ge=1, description="prompts generated together")
     workers: int | None = Field(None, ge=1, description="decoders run in parallel threads, sharing batch_size "
@@ -35,6 +36,16 @@ class EvalConfig(BaseModel):
             raise PydanticCustomError("engine_constrained", "constrained decoding runs on the calltune engine only; "
                                       "drop constrained or use engine calltune")
         return self
+
+    def resolved_engine(self) -> Literal["calltune", "vllm"]:
+        """The engine that generates: `engine`, with ``auto`` resolved to ``vllm`` when vLLM is importable and
+        `constrained` is off (vLLM's engine generated faster than calltune's decoder in the generation
+        benchmark, docs/benchmarks.md), else ``calltune``."""
+        if self.engine != "auto":
+            return self.engine
+        from importlib.util import find_spec
+
+        return "vllm" if not self.constrained and find_spec("vllm") is not None else "calltune"
 
     @field_validator("task")
     @classmethod

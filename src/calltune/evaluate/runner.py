@@ -138,7 +138,7 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
         fmt: the prompt format; when given it wins over the format saved with the model; when None,
             the saved one (a base model has none, so then a format must be given).
         loaded: an already loaded ``(model, tokenizer, fmt)`` to reuse (the calltune engine only; the
-            vllm engine, ``cfg.engine``, loads the model into vLLM from its folder).
+            vllm engine, `EvalConfig.resolved_engine`, loads the model into vLLM from its folder).
 
     Returns:
         The metrics dict written to metrics.json: the task's metrics, ``task``, ``model``,
@@ -152,7 +152,8 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     cfg = cfg or EvalConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.engine == "vllm":
+    engine = cfg.resolved_engine()
+    if engine == "vllm":
         model, tokenizer, saved = None, *_tokenizer_and_format(model_name)
     else:
         model, tokenizer, saved = loaded or load_for_inference(model_name)
@@ -166,7 +167,7 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     grammars = None  # unconstrained: generate_constrained is plain `generate`
     if cfg.constrained:
         grammars = [checked_tool_call_grammar(tokenizer, fmt, e.tools) if e.tools else None for e in examples]
-    if cfg.engine == "vllm":
+    if engine == "vllm":
         generations = generate_vllm(model_name, prompts, max_new_tokens=cfg.max_new_tokens,
                                     eos_token_id=tokenizer.eos_token_id, tensor_parallel_size=cfg.tensor_parallel_size)
     else:
@@ -177,7 +178,7 @@ def evaluate_model(model_name: str, examples: list[Example], out_dir: str | Path
     metrics, per_example = task.score(examples, parsed)
     new_tokens = sum(g.completion_tokens for g in generations)
     metrics.update({"task": task.name, "model": str(model_name), "format": fmt.name, "constrained": cfg.constrained,
-                    "engine": cfg.engine,
+                    "engine": engine,
                     "eval_seconds": round(seconds, 2),
                     "generated_tokens": new_tokens, "generated_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)})
     pairs = []

@@ -533,12 +533,14 @@ class _Decoder:
         self._prefill_one(prompts[0][:shared], 0, cache, prefix=None)
         return _SharedPrefix((layer.keys, layer.values) for layer in cache.layers), shared
 
-    def _prefill_one(self, tokens: list[int], start: int, cache, prefix: "_SharedPrefix | None", **kwargs) -> None:
+    def _prefill_one(self, tokens: list[int], start: int, cache, prefix: "_SharedPrefix | None", past: int = 0,
+                     **kwargs) -> None:
         """Run `tokens`, at positions start.., at batch size 1 into `cache` (a prefix to be shared), behind
-        the common `prefix` of all prompts (None while that one is computed); `kwargs` go to the forward."""
+        the common `prefix` of all prompts (None while that one is computed) and the `past` tokens `cache`
+        already holds; `kwargs` go to the forward."""
         n = len(tokens)
         self.model(input_ids=torch.tensor([tokens], device=self.device),
-                   attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
+                   attention_mask=torch.ones((1, past + n), dtype=torch.long, device=self.device),
                    position_ids=torch.arange(start, start + n, device=self.device)[None],
                    use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}, **_prefix_kwargs(prefix), **kwargs)
 
@@ -1072,11 +1074,7 @@ class ContinuousDecoder(_Decoder):
         for layer, (keys, values) in enumerate(stored):
             cache.update(keys[:, :, :reused], values[:, :, :reused], layer)
         if reused < len(tokens):
-            n = len(tokens)
-            self.model(input_ids=torch.tensor([tokens[reused:]], device=self.device),
-                       attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
-                       position_ids=torch.arange(start + reused, start + n, device=self.device)[None],
-                       use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}, **self._forward_kwargs(rows[:1]))
+            self._prefill_one(tokens[reused:], start + reused, cache, None, past=reused, **self._forward_kwargs(rows[:1]))
         self.prefix_reused += reused
         self.prefix_store.put(adapter, tokens, [(layer.keys, layer.values) for layer in cache.layers])
         return cache

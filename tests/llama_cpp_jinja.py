@@ -4,11 +4,13 @@ pins (`calltune.serve.export.LLAMA_CPP_PYTHON`).
 
 `renderer` downloads that sdist once with pip (~75 MB), compiles the engine's sources with the small
 driver ``native/llama_jinja_render.cpp`` (g++, C++17) and caches the program under
-``$CALLTUNE_HOME/llama.cpp/jinja-render-VERSION/``; `render` runs it on many contexts at once.
+``$CALLTUNE_HOME/llama.cpp/jinja-render-VERSION-DRIVERHASH/``; `render` runs it on many contexts at once,
+`capabilities` reports what llama-server's capability probe (``jinja::caps_get``) finds in a template.
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import tarfile
@@ -34,7 +36,8 @@ def renderer(version: str = LLAMA_CPP_PYTHON) -> Path:
         RuntimeError: pip could not fetch the sdist, or g++ could not build it (the message has the tail
             of their output).
     """
-    target = calltune_home() / "llama.cpp" / f"jinja-render-{version}"
+    driver = hashlib.sha256(DRIVER.read_bytes()).hexdigest()[:10]
+    target = calltune_home() / "llama.cpp" / f"jinja-render-{version}-{driver}"
     program = target / "render"
     if program.is_file():
         return program
@@ -62,13 +65,7 @@ def renderer(version: str = LLAMA_CPP_PYTHON) -> Path:
     return program
 
 
-def render(template: str, contexts: list[dict]) -> list[str | RuntimeError]:
-    """`template` rendered by llama.cpp's engine with each of `contexts` (the template's variables): the
-    text, or a RuntimeError with the engine's message where rendering raised.
-
-    Raises:
-        RuntimeError: the template does not parse.
-    """
+def _run(template: str, contexts: list[dict]) -> tuple[dict, list[str | RuntimeError]]:
     done = subprocess.run([str(renderer())], input=json.dumps({"template": template, "contexts": contexts}).encode(),
                           capture_output=True, check=False)
     if done.returncode != 0:
@@ -81,6 +78,27 @@ def render(template: str, contexts: list[dict]) -> list[str | RuntimeError]:
         body = data[line_end + 1:line_end + 1 + int(size)].decode()
         out.append(body if status == "OK" else RuntimeError(body))
         at = line_end + 1 + int(size)
-    if len(out) != len(contexts):
-        raise RuntimeError(f"the renderer answered {len(out)} of {len(contexts)} contexts: {done.stderr[-500:]!r}")
-    return out
+    if len(out) != len(contexts) + 1:
+        raise RuntimeError(f"the renderer answered {len(out) - 1} of {len(contexts)} contexts: {done.stderr[-500:]!r}")
+    return json.loads(out[0]), out[1:]
+
+
+def render(template: str, contexts: list[dict]) -> list[str | RuntimeError]:
+    """`template` rendered by llama.cpp's engine with each of `contexts` (the template's variables): the
+    text, or a RuntimeError with the engine's message where rendering raised.
+
+    Raises:
+        RuntimeError: the template does not parse.
+    """
+    return _run(template, contexts)[1]
+
+
+def capabilities(template: str) -> dict[str, bool]:
+    """What llama-server's probe finds `template` supports (``supports_tools``, ``supports_tool_calls``,
+    ``supports_system_role``, ``supports_object_arguments``, ...): it decides how llama-server reshapes
+    messages before rendering (``common/chat.cpp``), e.g. parsing string call arguments into objects.
+
+    Raises:
+        RuntimeError: the template does not parse.
+    """
+    return _run(template, [])[0]

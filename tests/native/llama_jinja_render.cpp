@@ -1,11 +1,13 @@
 // Render a chat template with llama.cpp's Jinja engine (common/jinja, the engine of llama-server --jinja).
-// Reads {"template": str, "contexts": [{...}, ...]} as JSON on stdin; for each context writes
-// "OK <n>\n" and the n bytes rendered, or "ERR <n>\n" and the n bytes of the error message.
+// Reads {"template": str, "contexts": [{...}, ...]} as JSON on stdin; first writes "OK <n>\n" and the
+// template's capabilities as llama-server detects them (jinja::caps_get, a JSON object of n bytes), then
+// for each context "OK <n>\n" and the n bytes rendered, or "ERR <n>\n" and the n bytes of the error.
 #include "json.h"
 #include "jinja/lexer.h"
 #include "jinja/parser.h"
 #include "jinja/runtime.h"
 #include "jinja/value.h"
+#include "jinja/caps.h"
 
 #include <cstdlib>
 #include <iostream>
@@ -33,6 +35,11 @@ int main() {
         std::cerr << "template does not parse: " << err.what() << std::endl;
         return 2;
     }
+    common_json caps = common_json::object();
+    for (const auto & [name, value] : jinja::caps_get(program).to_map()) {
+        caps[name] = value;
+    }
+    emit("OK", caps.dump());
     const common_json & contexts = request.at("contexts");
     for (size_t i = 0; i < contexts.size(); i++) {
         try {

@@ -1,8 +1,10 @@
 """A prompt format as a Jinja chat template, so runtimes that only read the tokenizer's template
 (``transformers.apply_chat_template`` and those built on it, such as vLLM) lay out prompts as
-calltune trained them. The templates use what transformers' sandboxed Jinja offers (``namespace``,
-``tojson(separators=...)``, string methods, ``loopcontrols``); llama.cpp's own Jinja engine can't parse
-them yet (``dict(d, **{...})``; tests/test_llama_cpp_template.py).
+calltune trained them. The templates are written in the subset of Jinja that both transformers'
+sandboxed Jinja2 and llama.cpp's own engine (``llama-server --jinja``) read; where the two engines
+differ (llama.cpp's ``tojson`` writes floats with six digits), ``common.jinja`` tells them apart and
+writes JSON itself under llama.cpp (tests/test_llama_cpp_template.py; docs/design.md says what still
+differs there).
 
 Owns `chat_template_for` (format + tokenizer -> template text), `write_chat_template` (what
 `calltune.formats.save_format` calls to put that template into a saved tokenizer folder) and

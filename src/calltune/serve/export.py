@@ -89,6 +89,28 @@ def _extract_converter(sdist: Path, dest: Path) -> None:
         raise ConverterNotFound(f"{sdist.name} has no {_SDIST_ROOT}{CONVERTER}; pin another llama-cpp-python version")
 
 
+def download_sdist(version: str, dest: Path) -> Path:
+    """The ``llama-cpp-python==version`` source distribution (~75 MB, llama.cpp's tree under
+    ``vendor/llama.cpp/``), downloaded into `dest` with ``python -m pip download --no-deps --no-binary
+    :all:`` (so pip's index settings apply).
+
+    Returns:
+        The ``.tar.gz`` in `dest`.
+
+    Raises:
+        ConverterNotFound: pip failed; the message gives the command and the tail of pip's output.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", str(dest),
+           f"llama-cpp-python=={version}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    sdists = sorted(Path(dest).glob("llama_cpp_python-*.tar.gz"))
+    if done.returncode != 0 or not sdists:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
+        raise ConverterNotFound(f"`python -m pip download --no-deps --no-binary :all: llama-cpp-python=={version}` "
+                                f"failed (exit {done.returncode}):\n{tail}")
+    return sdists[0]
+
+
 def fetch_converter(version: str = LLAMA_CPP_PYTHON, cache_dir: str | Path | None = None) -> Path:
     """llama.cpp's converter from the ``llama-cpp-python==version`` sdist on PyPI, downloaded once.
 
@@ -113,20 +135,15 @@ def fetch_converter(version: str = LLAMA_CPP_PYTHON, cache_dir: str | Path | Non
                 "with pip into %s", CONVERTER, version, target)
     # staged next to the cache and renamed, so an interrupted download never leaves a half-written cache
     with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--dest", str(Path(tmp) / "sdist"), f"llama-cpp-python=={version}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        sdists = sorted((Path(tmp) / "sdist").glob("llama_cpp_python-*.tar.gz"))
-        if done.returncode != 0 or not sdists:
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
+        try:
+            sdist = download_sdist(version, Path(tmp) / "sdist")
+        except ConverterNotFound as err:
             raise ConverterNotFound(
                 f"GGUF export needs llama.cpp's {CONVERTER}, which calltune takes from the llama-cpp-python "
-                f"source on PyPI, but `python -m pip download --no-deps --no-binary :all: llama-cpp-python=={version}` "
-                f"failed (exit {done.returncode}):\n{tail}\n"
-                f"Rerun where pip reaches PyPI (pip's own settings, e.g. PIP_INDEX_URL, apply), or get the converter "
-                f"by hand:\n{_manual_steps()}")
+                f"source on PyPI, but {err}\nRerun where pip reaches PyPI (pip's own settings, e.g. PIP_INDEX_URL, "
+                f"apply), or get the converter by hand:\n{_manual_steps()}") from None
         staging = Path(tmp) / "llama.cpp"
-        _extract_converter(sdists[0], staging)
+        _extract_converter(sdist, staging)
         try:
             staging.rename(target)
         except OSError:

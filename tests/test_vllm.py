@@ -89,6 +89,7 @@ def test_cli_prints_the_vllm_command_and_refuses_several_models(merged, adapter)
     assert shown.exit_code == 0, shown.output
     assert "vllm.entrypoints.openai.api_server" in shown.output and "--tool-call-parser hermes" in shown.output
     assert "secret" not in shown.output  # the key is masked
+    assert "VLLM_CPU_KVCACHE_SPACE=" in shown.output  # the CPU backend's cache is sized, not left to take the RAM
     two = runner.invoke(app, ["serve", "--model", f"a={merged}", "--model", f"b={adapter}", "--engine", "vllm"])
     assert two.exit_code == 2 and "one model" in two.output
 

@@ -561,7 +561,7 @@ def _serve_vllm(model: Optional[str], named: list[str], host: str, port: int, ap
     """`calltune serve --engine vllm`: print vLLM's server command for one model, then become that process."""
     import shlex
 
-    from calltune.infer.vllm_engine import vllm_server_command
+    from calltune.infer.vllm_engine import KV_CACHE_GB, vllm_server_command
 
     models = _served_models(model, named)
     if len(models) != 1 or data_dir is not None:
@@ -570,9 +570,13 @@ def _serve_vllm(model: Optional[str], named: list[str], host: str, port: int, ap
     (name, path), = models.items()
     cmd = vllm_server_command(path, name, host=host, port=port, api_key=api_key, tool_call_parser=tool_call_parser)
     shown = [("<key>" if i and cmd[i - 1] == "--api-key" else part) for i, part in enumerate(cmd)]
+    # vLLM's CPU backend otherwise sizes its key/value cache from the machine's memory (GPUs ignore it)
+    kv_cache = os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GB)
+    shown = [f"VLLM_CPU_KVCACHE_SPACE={kv_cache}", *shown]
     console.print(shlex.join(shown), soft_wrap=True, markup=False, highlight=False)
     if not print_command:
         sys.stdout.flush()
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = kv_cache
         os.execvp(cmd[0], cmd)
 
 

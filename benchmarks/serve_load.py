@@ -23,7 +23,8 @@ over the wall time from the first request to the last answer), p50/p95 request l
 client sees it), how many answers called a tool, and whether the greedy answers are the same as the
 first setting's (batched decoding in bf16 may flip near-tied tokens; in fp32 they match).
 
-Writes ``--out`` (JSON, default runs/bench/serve_load.json) and prints a markdown table.
+Writes ``--out`` (JSON, default runs/bench/serve_load.json), each server's output beside it
+(``serve_load-server-K.log``, K counting the servers started) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model: str, port: int, max_batch: int, max_queue: int, constrained: bool,
+def _start(model: str, port: int, max_batch: int, max_queue: int, constrained: bool, log: Path,
            engine: str = "calltune", prefix_cache_mb: int | None = None) -> subprocess.Popen:
-    """`calltune serve` in a subprocess; returns once /health answers (or raises with its output)."""
+    """`calltune serve` in a subprocess, its output in `log`; returns once /health answers (or raises with
+    the log's tail)."""
     command = [sys.executable, "-c", "from calltune.cli import main; main()", "serve", model, "--port", str(port)]
     if engine == "vllm":  # vLLM's server, with the model's chat template and tool-call parser
         command += ["--engine", "vllm"]
@@ -89,8 +91,11 @@ def _start(model: str, port: int, max_batch: int, max_queue: int, constrained: b
                     "--constrained" if constrained else "--no-constrained"]
         if prefix_cache_mb is not None:
             command += ["--prefix-cache-mb", str(prefix_cache_mb)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # the server's output goes to a file: a pipe nobody reads fills up and blocks a server that logs every
+    # request (vLLM's does), which then stops answering
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 1200  # vLLM's engine start takes minutes on a CPU
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -100,7 +105,7 @@ def _start(model: str, port: int, max_batch: int, max_queue: int, constrained: b
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError(f"the server did not start:\n{proc.stdout.read().decode(errors='replace')[-3000:]}")
+    raise RuntimeError(f"the server did not start ({log}):\n{log.read_text(errors='replace')[-3000:]}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -189,9 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs += [("vllm", 0, None)] if "vllm" in engines else []
     for engine, max_batch, cache_mb in runs:
         port = _free_port()
-        proc = _start(args.model, port, max_batch, max(clients), not args.no_constrained, engine, cache_mb)
         label = f"calltune --max-batch {max_batch}" if engine == "calltune" else "vllm"
         label += f" --prefix-cache-mb {cache_mb}" if cache_mb is not None else ""
+        log = Path(args.out).parent / f"{Path(args.out).stem}-server-{len(settings) // len(clients)}.log"
+        proc = _start(args.model, port, max_batch, max(clients), not args.no_constrained, log, engine, cache_mb)
         try:
             for n in clients:
                 print(f"{label}: {args.requests} requests from {n} clients ...", flush=True)

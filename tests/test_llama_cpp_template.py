@@ -64,7 +64,8 @@ def _engine_limits(ex, name: str, caps: dict) -> bool:
     """Whether `ex` holds what llama.cpp's engine writes differently (see the module docstring)."""
     calls = [tc.arguments for m in ex.messages for tc in (m.tool_calls or [])]
     results = [_json_or_none(m.content) for m in ex.messages if m.role == "tool"]
-    escapes = [int(h, 16) for m in ex.messages if m.role == "tool" for h in re.findall(r"\\u([0-9a-fA-F]{4})", m.content or "")]
+    escapes = [int(h, 16) for m in ex.messages if m.role == "tool"
+               for h in re.findall(r"\\u([0-9a-fA-F]{4})", m.content or "")]
     if not caps["supports_object_arguments"]:  # string arguments reach the template, written with json.dumps
         escapes += [ord(c) for args in calls for c in json.dumps(args, ensure_ascii=False) if ord(c) > 127]
     if any(not (32 <= c < 127 or c in (8, 9, 10, 12, 13)) for c in escapes):
@@ -118,8 +119,8 @@ def test_llama_server_builds_the_prompt_transformers_builds(name, options, base,
         # the prompt of the last turn, with the earlier turns' calls and results, as a client sends it
         chat, tools = openai_messages(context_of(ex.messages), string_arguments=True), ex.tools_as_dicts()
         try:
-            wants.append(tok.apply_chat_template(_system_merged(chat, caps), tools=tools or None, chat_template=template,
-                                                 add_generation_prompt=True, tokenize=False))
+            wants.append(tok.apply_chat_template(_system_merged(chat, caps), tools=tools or None,
+                                                 chat_template=template, add_generation_prompt=True, tokenize=False))
         except TemplateError as err:
             wants.append(err)
         requests.append({"messages": chat, "tools": tools, "add_generation_prompt": True})
@@ -168,8 +169,8 @@ def test_llama_server_parses_the_calls_the_format_writes(name, options, base, ba
     got = server_chat(template, tok.bos_token or "", tok.eos_token or "", requests)
     wrong = []
     for want, answer, request in zip(wants, got, requests):
-        calls = None if isinstance(answer, RuntimeError) else \
-            [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in answer["message"].get("tool_calls", [])]
+        calls = None if isinstance(answer, RuntimeError) else [
+            (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in answer["message"].get("tool_calls", [])]
         if calls != want or (answer["message"].get("content") or "").strip():
             wrong.append(f"{request['output'][:120]!r}: {answer}")
     assert not wrong, f"{len(wrong)} of {len(requests)} outputs parsed differently:\n" + "\n".join(wrong[:3])
@@ -195,5 +196,5 @@ def test_floats_and_python_strings_are_written_as_python_writes_them():
                  [{"messages": [], "v": v} for v in values])
     assert got == [f"{json.dumps(v, ensure_ascii=False)}|{json.dumps(v, ensure_ascii=False, separators=(',', ':'))}|{v}"
                    for v in values]
-    assert render(common + "{{- calltune_str(v) -}}", [{"messages": [], "v": [1, "a'b", 'q"', "it's", None, 25.0]}]) == \
-        [str([1, "a'b", 'q"', "it's", None, 25.0])]
+    mixed = [1, "a'b", 'q"', "it's", None, 25.0]
+    assert render(common + "{{- calltune_str(v) -}}", [{"messages": [], "v": mixed}]) == [str(mixed)]

@@ -24,7 +24,7 @@ client sees it), how many answers called a tool, and whether the greedy answers 
 first setting's (batched decoding in bf16 may flip near-tied tokens; in fp32 they match).
 
 Writes ``--out`` (JSON, default runs/bench/serve_load.json), each server's output beside it
-(``serve_load-server-K.log``, K counting the servers started) and prints a markdown table.
+(``<--out's stem>-server-K.log``, K counting the servers started from 0) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -192,11 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
     caches = [int(c) for c in args.prefix_cache_mb.split(",")] if args.prefix_cache_mb else [None]
     runs = [("calltune", int(b), c) for b in args.max_batch.split(",") for c in caches] if "calltune" in engines else []
     runs += [("vllm", 0, None)] if "vllm" in engines else []
-    for engine, max_batch, cache_mb in runs:
+    for k, (engine, max_batch, cache_mb) in enumerate(runs):
         port = _free_port()
         label = f"calltune --max-batch {max_batch}" if engine == "calltune" else "vllm"
         label += f" --prefix-cache-mb {cache_mb}" if cache_mb is not None else ""
-        log = Path(args.out).parent / f"{Path(args.out).stem}-server-{len(settings) // len(clients)}.log"
+        log = Path(args.out).parent / f"{Path(args.out).stem}-server-{k}.log"
         proc = _start(args.model, port, max_batch, max(clients), not args.no_constrained, log, engine, cache_mb)
         try:
             for n in clients:

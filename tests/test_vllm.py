@@ -79,17 +79,22 @@ def test_server_command_refuses_what_vllm_would_prompt_or_parse_differently(tmp_
     assert "pythonic" in vllm_server_command(str(xlam), "x", tool_call_parser="pythonic")
 
 
-def test_cli_prints_the_vllm_command_and_refuses_several_models(merged, adapter):
+def test_cli_prints_the_vllm_command_and_refuses_several_models(merged, adapter, monkeypatch):
     from typer.testing import CliRunner
 
     from calltune.cli import app
+    from calltune.infer.vllm_engine import KV_CACHE_GB
 
     runner = CliRunner()
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     shown = runner.invoke(app, ["serve", merged, "--engine", "vllm", "--print-command", "--api-key", "secret"])
     assert shown.exit_code == 0, shown.output
     assert "vllm.entrypoints.openai.api_server" in shown.output and "--tool-call-parser hermes" in shown.output
     assert "secret" not in shown.output  # the key is masked
-    assert "VLLM_CPU_KVCACHE_SPACE=" in shown.output  # the CPU backend's cache is sized, not left to take the RAM
+    # the CPU backend's cache is sized, not left to take the RAM; a size the user set wins
+    assert f"VLLM_CPU_KVCACHE_SPACE={KV_CACHE_GB} " in shown.output
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    assert "VLLM_CPU_KVCACHE_SPACE=7 " in runner.invoke(app, ["serve", merged, "--engine", "vllm", "--print-command"]).output
     two = runner.invoke(app, ["serve", "--model", f"a={merged}", "--model", f"b={adapter}", "--engine", "vllm"])
     assert two.exit_code == 2 and "one model" in two.output
 

@@ -90,9 +90,9 @@ def _extract_converter(sdist: Path, dest: Path) -> None:
 
 
 def download_sdist(version: str, dest: Path) -> Path:
-    """The ``llama-cpp-python==version`` source distribution (~75 MB, llama.cpp's tree under
-    ``vendor/llama.cpp/``), downloaded into `dest` with ``python -m pip download --no-deps --no-binary
-    :all:`` (so pip's index settings apply).
+    """The ``llama-cpp-python==version`` source distribution (llama.cpp's tree under ``vendor/llama.cpp/``),
+    downloaded into `dest` with ``python -m pip download --no-deps --no-binary :all:`` (so pip's index
+    settings apply).
 
     Returns:
         The ``.tar.gz`` in `dest`.
@@ -103,12 +103,13 @@ def download_sdist(version: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", str(dest),
            f"llama-cpp-python=={version}"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    sdists = sorted(Path(dest).glob("llama_cpp_python-*.tar.gz"))
-    if done.returncode != 0 or not sdists:
+    sdist = Path(dest) / f"llama_cpp_python-{version}.tar.gz"
+    if done.returncode != 0 or not sdist.is_file():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
+        what = f"failed (exit {done.returncode})" if done.returncode else f"left no {sdist.name}"
         raise ConverterNotFound(f"`python -m pip download --no-deps --no-binary :all: llama-cpp-python=={version}` "
-                                f"failed (exit {done.returncode}):\n{tail}")
-    return sdists[0]
+                                f"{what}:\n{tail}")
+    return sdist
 
 
 def fetch_converter(version: str = LLAMA_CPP_PYTHON, cache_dir: str | Path | None = None) -> Path:

@@ -7,14 +7,14 @@ Run:
 
 A trial is a subprocess: model loading and start-up, then `--steps` optimizer steps; TRL at its defaults
 is among the slowest trainers (gradient checkpointing), so the defaults (5 steps, 2 repeats, two configs,
-four trainers) take about half an hour here (docs/benchmarks.md has measured times).
+five trainers) take about half an hour here (docs/benchmarks.md has measured times).
 
 Owns the benchmark only: nothing in `calltune` imports it. For each config (full fine-tuning, LoRA)
 it trains SmolLM2-135M-Instruct for the same number of optimizer steps at the same batch size and
 max_length, on the same ViGGO rows rendered to the same chat messages (by default steps x batch
 rows, so each trainer sees every row once, each in its own order), with calltune and with
-TRL three times (defaults; at its best, packed and padded), alternating (calltune, trl, trl_best,
-trl_best_padded, calltune, ...) for `--repeats` rounds. Every trial runs in its
+TRL three times (defaults; at its best, packed and padded), alternating (calltune, calltune_compiled,
+trl, trl_best, trl_best_padded, calltune, ...) for `--repeats` rounds. Every trial runs in its
 own subprocess, which reports its own peak resident memory (``ru_maxrss``), so no trial inherits
 another's heap.
 
@@ -23,7 +23,9 @@ calltune side (what `calltune.train.train` builds, minus saving the model): `pre
 `ReleaseFreedMemory` callback, at calltune's defaults: bf16 autocast over fp32 master weights, eager
 attention, the LM head + cross-entropy only at trained (assistant) positions, batches in random order
 packed padding-free into rows of at most max_length tokens, cosine schedule with 3% warm-up
-(`TrainConfig` defaults).
+(`TrainConfig` defaults). ``calltune_compiled`` is the same with ``train.torch_compile`` on
+(`compile_decoder_layers`: inductor fuses the work between each layer's matmuls); its compilation
+falls in the untimed warm-up step.
 
 Packing: `TrainConfig.packing` defaults to True (and `group_by_length` to False), and this benchmark
 runs calltune with it unless ``--calltune-packing off`` (then: right-padded batches in random order).
@@ -125,7 +127,8 @@ TRL_BEST = {
 # The same without packing: right-padded batches, since on CPU (no variable-length attention kernel) a
 # padding-free batch is one long row whose attention costs more than the padding it saves.
 TRL_BEST_PADDED = {**TRL_BEST, "packing": False}
-TRAINERS = ("calltune", "trl", "trl_best", "trl_best_padded")
+TRAINERS = ("calltune", "calltune_compiled", "trl", "trl_best", "trl_best_padded")
+OURS = ("calltune", "calltune_compiled")  # calltune_compiled: the same with train.torch_compile
 BEST = ("trl_best", "trl_best_padded")  # TRL at its best: the faster of these, per config
 
 
@@ -211,7 +214,9 @@ def run_calltune(spec: dict, out_dir: Path):
     examples, fmt = _viggo_rows(spec["train_csv"], spec["rows"], spec["seed"])
     cfg = TrainConfig(method=spec["method"], max_steps=spec["steps"], batch_size=spec["batch_size"],
                       learning_rate=LEARNING_RATE[spec["method"]], max_length=spec["max_length"],
-                      packing=spec["calltune_packing"], logging_steps=1, **spec.get("calltune_set", {}),
+                      packing=spec["calltune_packing"], logging_steps=1,
+                      **{**spec.get("calltune_set", {}), **({"torch_compile": True}
+                                                            if spec["trainer"] == "calltune_compiled" else {})},
                       lora={"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
                             "target_modules": LORA["target_modules"]})
     torch.manual_seed(cfg.seed)
@@ -284,7 +289,7 @@ def child(spec: dict, result_path: Path) -> None:
     t_process = time.perf_counter()
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="calltune-bench-") as tmp:
-        runner = run_calltune if spec["trainer"] == "calltune" else run_trl
+        runner = run_calltune if spec["trainer"] in OURS else run_trl
         trainer, counter, timer, info = runner(spec, Path(tmp))
         setup_s = time.perf_counter() - t_process
         out = trainer.train()
@@ -385,12 +390,14 @@ def summarise(trials: list[dict], peak_gflops: float) -> dict:
         present = [t for t in BEST if t in entry]
         if present:  # TRL at its best: its faster configuration here
             entry["trl_fastest_best"] = max(present, key=lambda t: entry[t]["tokens_per_s_median"])
-        for peer in ("trl", *BEST):
-            if "calltune" in entry and peer in entry:
-                c, r = entry["calltune"], entry[peer]
-                entry[f"tokens_per_s_ratio_calltune_over_{peer}"] = c["tokens_per_s_median"] / r["tokens_per_s_median"]
-                entry[f"peak_rss_ratio_calltune_over_{peer}"] = c["peak_rss_gb_max"] / r["peak_rss_gb_max"]
-                entry[f"loss_curve_correlation_{peer}"] = pearson(c["losses_first_trial"], r["losses_first_trial"])
+        for ours in OURS:
+            for peer in ("trl", *BEST):
+                if ours in entry and peer in entry:
+                    c, r = entry[ours], entry[peer]
+                    entry[f"tokens_per_s_ratio_{ours}_over_{peer}"] = c["tokens_per_s_median"] / r["tokens_per_s_median"]
+                    entry[f"peak_rss_ratio_{ours}_over_{peer}"] = c["peak_rss_gb_max"] / r["peak_rss_gb_max"]
+                    entry[f"loss_curve_correlation_{ours}_{peer}"] = pearson(c["losses_first_trial"],
+                                                                             r["losses_first_trial"])
         summary[method] = entry
     return summary
 
@@ -403,7 +410,8 @@ def plot_losses(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 3.5), squeeze=False)
     for ax, (method, entry) in zip(axes[0], summary.items()):
-        for trainer, style in (("calltune", "-o"), ("trl", "-s"), ("trl_best", "-^"), ("trl_best_padded", "-v")):
+        for trainer, style in (("calltune", "-o"), ("calltune_compiled", "-x"), ("trl", "-s"), ("trl_best", "-^"),
+                               ("trl_best_padded", "-v")):
             if trainer in entry:
                 losses = entry[trainer]["losses_first_trial"]
                 ax.plot(range(1, len(losses) + 1), losses, style, label=trainer, markersize=3)
@@ -438,15 +446,17 @@ def report(summary: dict, peak: dict, args) -> str:
             lines.append(f"| {method} | {trainer} | {e['attn_implementation']} | {e['tokens_per_s_median']:.0f} "
                          f"| {trials} | {e['peak_rss_gb_max']:.2f} | {e['model_gflops_per_s_median']:.1f} "
                          f"| {e['mfu_median']:.1%} | {losses[0]:.3f} -> {losses[-1]:.3f} |")
-    lines += ["", "| config | against | tokens/s calltune / it | peak RSS calltune / it | loss-curve correlation |",
-              "| --- | --- | ---: | ---: | ---: |"]
+    lines += ["", "| config | calltune trainer | against | tokens/s calltune / it | peak RSS calltune / it "
+                  "| loss-curve correlation |",
+              "| --- | --- | --- | ---: | ---: | ---: |"]
     for method, entry in summary.items():
-        for peer in ("trl", *BEST):
-            if f"tokens_per_s_ratio_calltune_over_{peer}" in entry:
-                corr = entry[f"loss_curve_correlation_{peer}"]
-                lines.append(f"| {method} | {peer} | {entry[f'tokens_per_s_ratio_calltune_over_{peer}']:.2f}x "
-                             f"| {entry[f'peak_rss_ratio_calltune_over_{peer}']:.2f}x "
-                             f"| {'n/a' if corr is None else f'{corr:.2f}'} |")
+        for ours in OURS:
+            for peer in ("trl", *BEST):
+                if f"tokens_per_s_ratio_{ours}_over_{peer}" in entry:
+                    corr = entry[f"loss_curve_correlation_{ours}_{peer}"]
+                    lines.append(f"| {method} | {ours} | {peer} | {entry[f'tokens_per_s_ratio_{ours}_over_{peer}']:.2f}x "
+                                 f"| {entry[f'peak_rss_ratio_{ours}_over_{peer}']:.2f}x "
+                                 f"| {'n/a' if corr is None else f'{corr:.2f}'} |")
     lines += ["", verdict(summary)]
     return "\n".join(lines)
 
@@ -457,14 +467,15 @@ def verdict(summary: dict) -> str:
     out = []
     for method, entry in summary.items():
         best = entry.get("trl_fastest_best")
-        ratio = entry.get(f"tokens_per_s_ratio_calltune_over_{best}")
-        if ratio is not None:
-            call = ("calltune's trainer stays (>= 1.3x)" if ratio >= 1.3 else
-                    "within 10%: build on SFTTrainer" if ratio < 1.1 else "ahead, short of the 1.3x bar")
-            out.append(f"{method}: calltune / {best} (TRL's faster best configuration) {ratio:.2f}x -> {call}")
-        if "calltune" in entry:
-            out.append(f"{method}: calltune at {entry['calltune']['mfu_median']:.1%} of the bf16 matmul peak "
-                       "(target for full: 55%)")
+        for ours in OURS:
+            ratio = entry.get(f"tokens_per_s_ratio_{ours}_over_{best}")
+            if ratio is not None:
+                call = ("calltune's trainer stays (>= 1.3x)" if ratio >= 1.3 else
+                        "within 10%: build on SFTTrainer" if ratio < 1.1 else "ahead, short of the 1.3x bar")
+                out.append(f"{method}: {ours} / {best} (TRL's faster best configuration) {ratio:.2f}x -> {call}")
+            if ours in entry:
+                out.append(f"{method}: {ours} at {entry[ours]['mfu_median']:.1%} of the bf16 matmul peak "
+                           "(target for full: 55%)")
     return "\n".join(out)
 
 
@@ -479,8 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of (calltune, trl) per config")
     parser.add_argument("--configs", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument("--trainers", default=",".join(TRAINERS),
-                        help="comma-separated: calltune, trl (TRL's defaults), trl_best (TRL_BEST), trl_best_padded "
-                             "(TRL_BEST_PADDED)")
+                        help="comma-separated: calltune, calltune_compiled (train.torch_compile), trl (TRL's "
+                             "defaults), trl_best (TRL_BEST), trl_best_padded (TRL_BEST_PADDED)")
     parser.add_argument("--calltune-packing", choices=("on", "off"), default="on",
                         help="calltune with padding-free packing into rows of max_length (on, TrainConfig's "
                              "default) or with right-padded batches (off)")

@@ -57,6 +57,10 @@ class TrainConfig(BaseModel):
         "eager", description="attention kernel (a transformers name): eager is faster than sdpa on CPU for "
                              "short sequences; sdpa for long ones, whose eager score matrices grow quadratically")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory")
+    torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation): "
+                                                   "fused kernels for the norms, activations, rotary embedding and "
+                                                   "attention softmax; the first step pays the compilation (needs a "
+                                                   "C++ compiler on CPU, Triton on GPU); one process or DDP")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     seed: int = 0
     logging_steps: int = Field(10, ge=1, description="log loss and tokens/s every N steps")

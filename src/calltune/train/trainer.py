@@ -15,13 +15,15 @@ examples of every micro-batch, and only the main process writes the model, logs 
 Speed on CPU comes from: bf16 autocast (Trainer ``bf16=True``), padding-free packing of each (random)
 batch into rows of at most max_length tokens so little is spent on padding (or, with packing off,
 batches grouped by length), and the LM head + cross-entropy evaluated only at trained positions (for a
-135M model with a 49k vocabulary the head is a fifth of the FLOPs per token).
+135M model with a 49k vocabulary the head is a fifth of the FLOPs per token). ``torch_compile`` adds
+fused kernels for the work between the matmuls (`compile_decoder_layers`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -310,7 +312,37 @@ def prepare_model(model_name: str, cfg: TrainConfig):
     if cfg.method in ("lora", "qlora"):
         model = get_peft_model(model, _lora_config(cfg))
     model.config.use_cache = False
+    if cfg.torch_compile:
+        compile_decoder_layers(model)
     return model, tokenizer
+
+
+def compile_decoder_layers(model) -> int:
+    """`torch.compile` each decoder layer of `model` in place (regional compilation); returns how many.
+
+    Inductor fuses each layer's elementwise work (RMSNorm, SiLU times the up projection, the rotary
+    embedding, the attention mask, softmax and the bf16/fp32 casts autocast inserts) into generated
+    kernels around the matmuls, forward and backward. ``dynamic=True``: packed batches change shape every
+    step, and one symbolic-shape graph serves them all. `nn.Module.compile` leaves the parameter names
+    alone, so checkpoints and the saved model are those of an uncompiled run. Under DeepSpeed or FSDP,
+    which rewrite the layers' parameters, it is refused.
+
+    Raises:
+        CalltuneError: the model has no ``layers`` list in its decoder, or DeepSpeed / FSDP runs it.
+    """
+    launcher = [name for name, env in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP"))
+                if os.environ.get(env, "").lower() in ("1", "true")]
+    if launcher:
+        raise CalltuneError(f"train.torch_compile: not supported under {launcher[0]}; compile in single-process or "
+                            "DDP runs (recipes/accelerate/ddp.yaml), or set train.torch_compile: false")
+    decoder, _ = causal_lm_parts(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise CalltuneError(f"train.torch_compile: {type(decoder).__name__} has no list of decoder layers "
+                            "(`.layers`) to compile; set train.torch_compile: false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def per_device_batch_size(cfg: TrainConfig, processes: int) -> int:

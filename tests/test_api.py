@@ -27,6 +27,8 @@ def test_readme_python_snippet_runs(tmp_path, smollm2_path, monkeypatch):
     snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "calltune.train(" in block)
     monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
     snippet = snippet.replace('"runs/python-api/model"', repr(str(tmp_path / "model")))
+    snippet = snippet.replace('"train.max_steps": 2}, ', '"train.max_steps": 1}, ')  # one step is enough to run
+    snippet = snippet.replace('{"max_new_tokens": 64}', '{"max_new_tokens": 16}')
     snippet = snippet.replace('overrides={"train.max_steps": 2}',
                               f'output_dir={str(tmp_path / "run")!r}, overrides={{"train.max_steps": 1, '
                               '"train.method": "lora", "eval.max_new_tokens": 8, "data.eval_limit": 1}')
@@ -35,6 +37,7 @@ def test_readme_python_snippet_runs(tmp_path, smollm2_path, monkeypatch):
     assert (tmp_path / "model" / "adapter_config.json").exists()
     assert set(namespace["metrics"]["bfcl"]["accuracy"]) == {"simple_python", "irrelevance"}
     assert namespace["summary"]["train"]["steps"] == 1
+    assert json.loads((tmp_path / "model" / "train_log.json").read_text())[-1]["step"] == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["recipe"] == "xlam-qlora"
 
 

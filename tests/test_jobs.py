@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from calltune.serve.jobs import MIN_SPLIT_EXAMPLES
 from conftest import SAMPLES
 from serving import free_port, running
 from toolcall_model import ASK_PARIS, TOOLS, examples
@@ -456,7 +457,7 @@ def test_openai_client_flow_end_to_end(live):
     # a second job, cancelled once it has saved a checkpoint: its worker stops within seconds
     long = client.fine_tuning.jobs.create(model=BASE, training_file=train.id, suffix="long",
                                           extra_body={"calltune": {**FAST, "train": {**FAST["train"], "max_steps": 500,
-                                                                                     "save_steps": 2}}})
+                                                                                     "save_steps": 1}}})
     _wait(lambda: client.fine_tuning.jobs.checkpoints.list(long.id).data, 600, 1, "a checkpoint of the second job")
     pid = jobs.store.get_job(long.id)["worker_pid"]
     started = time.time()
@@ -481,29 +482,32 @@ def _alive(pid: int | None) -> bool:
 
 
 def _llama_csv(rows: int) -> bytes:
-    """The first `rows` usable rows of the llama_functions sample as LLM Engine's prompt,response CSV."""
+    """The `rows` shortest usable calling rows of the llama_functions sample (the quickest to train) as LLM
+    Engine's prompt,response CSV, in the sample's order."""
     from calltune.sources.llama_functions import llama_functions_row_to_example
 
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["prompt", "response"])
-    writer.writeheader()
-    n = 0
+    usable = []
     for line in (SAMPLES / "llama_functions.jsonl").read_text().splitlines():
         row = json.loads(line)
         try:
             llama_functions_row_to_example(row, "sample", 0)
         except ValueError:
             continue
-        if "<<API>>" in row["input"] and n < rows:
-            writer.writerow({"prompt": row["input"], "response": row["output"]})
-            n += 1
+        if "<<API>>" in row["input"]:
+            usable.append(row)
+    shortest = sorted(range(len(usable)), key=lambda k: len(usable[k]["input"]) + len(usable[k]["output"]))[:rows]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["prompt", "response"])
+    writer.writeheader()
+    for k in sorted(shortest):
+        writer.writerow({"prompt": usable[k]["input"], "response": usable[k]["output"]})
     return out.getvalue().encode()
 
 
 @pytest.fixture
 def csv_url(tmp_path):
     """The CSV served over HTTP on localhost, as the seed's Gist was."""
-    (tmp_path / "data.csv").write_bytes(_llama_csv(10))
+    (tmp_path / "data.csv").write_bytes(_llama_csv(MIN_SPLIT_EXAMPLES))  # the fewest a job without validation file takes
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -570,11 +574,11 @@ def test_server_killed_while_training_resumes_after_restart(tmp_path):
     try:
         client = _client(url)
         train = client.files.create(file=("train.jsonl", training_jsonl()), purpose="fine-tune")
-        slow = {**FAST, "train": {**FAST["train"], "max_steps": 6, "save_steps": 2, "logging_steps": 1}}
+        slow = {**FAST, "train": {**FAST["train"], "max_steps": 4, "save_steps": 2, "logging_steps": 1}}
         first = client.fine_tuning.jobs.create(model=BASE, training_file=train.id, suffix="first",
                                                extra_body={"calltune": slow})
         second = client.fine_tuning.jobs.create(model=BASE, training_file=train.id, suffix="second",
-                                                extra_body={"calltune": {**FAST, "train": {**FAST["train"], "max_steps": 2}}})
+                                                extra_body={"calltune": {**FAST, "train": {**FAST["train"], "max_steps": 1}}})
         _wait(lambda: client.fine_tuning.jobs.checkpoints.list(first.id).data, 600, 0.5, "a checkpoint")
         before = _events(client, first.id)
         worker = _wait(lambda: _db_job(data_dir, first.id)["worker_pid"], 10, 0.2, "the worker pid")
@@ -594,7 +598,7 @@ def test_server_killed_while_training_resumes_after_restart(tmp_path):
         assert resumed and resumed[0].data["step"] >= 2
         assert any(e.message.startswith(f"Training started from step {resumed[0].data['step']}") for e in after)
         steps = [e.data["step"] for e in after if e.type == "metrics" and "train_loss" in (e.data or {})]
-        assert steps[-1] == 6
+        assert steps[-1] == 4
         second_done = _wait(lambda: _finished(client, second.id), 600, 2, "the queued job")
         assert second_done.status == "succeeded", second_done.error
         served = [m.id for m in client.models.list().data]

@@ -27,7 +27,8 @@ def test_readme_python_snippet_runs(tmp_path, smollm2_path, monkeypatch):
     snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "calltune.train(" in block)
     monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
     snippet = snippet.replace('"runs/python-api/model"', repr(str(tmp_path / "model")))
-    snippet = snippet.replace('"train.max_steps": 2}, ', '"train.max_steps": 1}, ')  # one step is enough to run
+    snippet = snippet.replace('{"train.method": "lora", "train.max_steps": 2}',
+                              '{"train.method": "lora", "train.max_steps": 1}')  # one step is enough to run
     snippet = snippet.replace('{"max_new_tokens": 64}', '{"max_new_tokens": 16}')
     snippet = snippet.replace('overrides={"train.max_steps": 2}',
                               f'output_dir={str(tmp_path / "run")!r}, overrides={{"train.max_steps": 1, '

@@ -5,7 +5,8 @@ over two (each taking half of every micro-batch): under DDP (``recipes/accelerat
 the two-process ``calltune run`` also writes one model, one report and one evaluation, and under
 DeepSpeed ZeRO-3 with LoRA (``deepspeed_zero3.yaml``; skipped without deepspeed), which must save one
 consolidated adapter. FSDP is not tested: accelerate prepares an FSDP model only on an accelerator.
-Also: ``calltune validate --accelerate-config`` on the shipped and on broken accelerate configs.
+Also: ``calltune validate --accelerate-config`` on the shipped and on broken accelerate configs, and a
+recipe with ``train.torch_compile`` refused under DeepSpeed and FSDP.
 """
 
 from __future__ import annotations
@@ -98,6 +99,20 @@ def test_validate_checks_the_shipped_accelerate_configs(monkeypatch):
     result = runner.invoke(app, ["validate", "recipes/xlam-qlora.yaml", "--accelerate-config",
                                  str(ROOT / "recipes" / "accelerate" / "fsdp.yaml")])
     assert result.exit_code == 2 and "qlora" in result.output, result.output
+
+
+def test_validate_refuses_torch_compile_under_deepspeed_and_fsdp(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "compiled.yaml"
+    recipe.write_text((ROOT / "recipes" / "viggo-lora.yaml").read_text().replace(
+        "  method: lora\n", "  method: lora\n  torch_compile: true\n"))
+    for config in ACCELERATE:
+        result = runner.invoke(app, ["validate", str(recipe), "--accelerate-config", str(config)])
+        if config.name == "ddp.yaml":
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code == 2 and "train.torch_compile is not supported under" in result.output, \
+                (config.name, result.output)
 
 
 @pytest.mark.parametrize("text, words", [

@@ -313,7 +313,8 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
             r, problems = None, list(err.problems)
         if accelerate_config is not None:
             problems += [f"--accelerate-config {accelerate_config}: {p}"
-                         for p in check_accelerate_config(accelerate_config, method=r.train.method if r else None)]
+                         for p in check_accelerate_config(accelerate_config, method=r.train.method if r else None,
+                                                          torch_compile=bool(r and r.train.torch_compile))]
         if problems:
             raise RecipeError(str(recipe), problems)
     except _user_errors() as err:

@@ -80,7 +80,7 @@ ACCELERATE_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP", "MULTI_
                     "MULTI_HPU", "MULTI_MUSA", "MULTI_SDAA", "MULTI_NEURON")
 
 
-def check_accelerate_config(path: str | Path, method: str | None = None) -> list[str]:
+def check_accelerate_config(path: str | Path, method: str | None = None, torch_compile: bool = False) -> list[str]:
     """Problems of an accelerate config file (``accelerate launch --config_file PATH``), one line each,
     naming the field (not the file).
 
@@ -90,8 +90,9 @@ def check_accelerate_config(path: str | Path, method: str | None = None) -> list
     ``zero3_save_16bit_model: true``; FSDP sets ``fsdp_state_dict_type: FULL_STATE_DICT``. The last two
     make the Trainer gather one consolidated model or adapter when it saves; without them it saves
     shards calltune can't load. With `method` ``qlora``, ZeRO-3 and FSDP are refused (sharding a 4-bit
-    base needs a quantisation storage type calltune does not set). Field names are accelerate's
-    (``accelerate config`` writes them).
+    base needs a quantisation storage type calltune does not set); with `torch_compile`, DeepSpeed and
+    FSDP are refused (`calltune.train.trainer.compile_decoder_layers` compiles for one process or DDP).
+    Field names are accelerate's (``accelerate config`` writes them).
     """
     import yaml
 
@@ -139,6 +140,9 @@ def check_accelerate_config(path: str | Path, method: str | None = None) -> list
             got = fsdp.get("fsdp_state_dict_type")
             problems.append(f"fsdp_config.fsdp_state_dict_type: set it to FULL_STATE_DICT, so the final model (or "
                             f"adapter) is saved whole, not as shards (got {got!r})")
+    if torch_compile and kind in ("DEEPSPEED", "FSDP"):
+        problems.append(f"train.torch_compile is not supported under {kind}; use recipes/accelerate/ddp.yaml or "
+                        "set train.torch_compile: false")
     if sharded and method == "qlora":
         problems.append(f"{kind} shards the model, which calltune does not support for train.method qlora; "
                         "use recipes/accelerate/ddp.yaml or deepspeed_zero2.yaml")

@@ -6,8 +6,8 @@ Run:
     python benchmarks/train_throughput.py --rows 32 --steps 3 --repeats 1 --configs full   # smoke run
 
 A trial is a subprocess: model loading and start-up, then `--steps` optimizer steps; TRL at its defaults
-is among the slowest trainers (gradient checkpointing), so the defaults (5 steps, 2 repeats, two configs,
-five trainers) take about half an hour here (docs/benchmarks.md has measured times).
+is among the slowest trainers (gradient checkpointing); docs/benchmarks.md has the measured times of
+full runs.
 
 Owns the benchmark only: nothing in `calltune` imports it. For each config (full fine-tuning, LoRA)
 it trains SmolLM2-135M-Instruct for the same number of optimizer steps at the same batch size and
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="ViGGO train rows given to both trainers (default: steps x batch size, one epoch)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of (calltune, trl) per config")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of (every trainer) per config")
     parser.add_argument("--configs", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument("--trainers", default=",".join(TRAINERS),
                         help="comma-separated: calltune, calltune_compiled (train.torch_compile), trl (TRL's "
@@ -527,6 +527,9 @@ def main(argv: list[str] | None = None) -> None:
         if not sep:
             parser.error(f"--calltune-set takes KEY=VALUE, got {item!r}")
         calltune_set[key] = yaml.safe_load(value)
+    if "torch_compile" in calltune_set:
+        parser.error("--calltune-set torch_compile would compile both calltune rows; add the calltune_compiled "
+                     "trainer (--trainers) instead")
     # A SIGTERM (e.g. from `timeout`) unwinds through subprocess.run, which then kills the running trial.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

@@ -26,13 +26,15 @@ def test_readme_python_snippet_runs(tmp_path, smollm2_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "calltune.train(" in block)
     monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
-    snippet = snippet.replace('"runs/python-api/model"', repr(str(tmp_path / "model")))
-    snippet = snippet.replace('{"train.method": "lora", "train.max_steps": 2}',
-                              '{"train.method": "lora", "train.max_steps": 1}')  # one step is enough to run
-    snippet = snippet.replace('{"max_new_tokens": 64}', '{"max_new_tokens": 16}')
-    snippet = snippet.replace('overrides={"train.max_steps": 2}',
-                              f'output_dir={str(tmp_path / "run")!r}, overrides={{"train.max_steps": 1, '
-                              '"train.method": "lora", "eval.max_new_tokens": 8, "data.eval_limit": 1}')
+    for old, new in (('"runs/python-api/model"', repr(str(tmp_path / "model"))),
+                     ('{"train.method": "lora", "train.max_steps": 2}',  # one step is enough to run
+                      '{"train.method": "lora", "train.max_steps": 1}'),
+                     ('{"max_new_tokens": 64}', '{"max_new_tokens": 16}'),
+                     ('overrides={"train.max_steps": 2}',
+                      f'output_dir={str(tmp_path / "run")!r}, overrides={{"train.max_steps": 1, '
+                      '"train.method": "lora", "eval.max_new_tokens": 8, "data.eval_limit": 1}')):
+        assert old in snippet, f"the README snippet no longer holds {old}"
+        snippet = snippet.replace(old, new)
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert (tmp_path / "model" / "adapter_config.json").exists()

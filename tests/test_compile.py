@@ -39,8 +39,12 @@ def _run(base: Path, out: Path, method: str, compiled: bool) -> tuple[list[float
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_compiled_layers_train_as_the_uncompiled_ones(base, tmp_path, method):
+    from torch._dynamo.utils import counters
+
     eager_losses, eager = _run(base, tmp_path / "eager", method, compiled=False)
+    frames = counters["stats"]["unique_graphs"]
     losses, weights = _run(base, tmp_path / "compiled", method, compiled=True)
+    assert counters["stats"]["unique_graphs"] > frames  # dynamo did compile the layer
     assert len(losses) == 4 and losses[-1] < losses[0]  # it trains
     assert losses == pytest.approx(eager_losses, rel=1e-3)
     assert weights.keys() == eager.keys()  # no "_orig_mod." in the saved names
@@ -49,10 +53,14 @@ def test_compiled_layers_train_as_the_uncompiled_ones(base, tmp_path, method):
 
 
 @pytest.mark.parametrize("env", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
-def test_compile_is_refused_under_deepspeed_and_fsdp(base, monkeypatch, env):
+def test_compile_is_refused_under_deepspeed_and_fsdp(base, tmp_path, monkeypatch, env):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv(env, "true")
+    with pytest.raises(CalltuneError, match="torch_compile: not supported under"):  # before loading anything
+        train(str(base), examples(), get_format("hermes"), TrainConfig(method="lora", torch_compile=True),
+              tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     model = AutoModelForCausalLM.from_pretrained(base)
     with pytest.raises(CalltuneError, match="torch_compile: not supported under"):
         compile_decoder_layers(model)

@@ -317,7 +317,16 @@ def prepare_model(model_name: str, cfg: TrainConfig):
     return model, tokenizer
 
 
-def compile_decoder_layers(model) -> int:
+def _refuse_compile_under_sharding() -> None:
+    """Raise `CalltuneError` when `accelerate launch` runs DeepSpeed or FSDP (its ``ACCELERATE_USE_*`` variables)."""
+    launcher = [name for name, env in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP"))
+                if os.environ.get(env, "").lower() in ("1", "true")]
+    if launcher:
+        raise CalltuneError(f"train.torch_compile: not supported under {launcher[0]}; compile in single-process or "
+                            "DDP runs (recipes/accelerate/ddp.yaml), or set train.torch_compile: false")
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
     """`torch.compile` each decoder layer of `model` in place (regional compilation); returns how many.
 
     Inductor fuses each layer's elementwise work (RMSNorm, SiLU times the up projection, the rotary
@@ -325,16 +334,13 @@ def compile_decoder_layers(model) -> int:
     kernels around the matmuls, forward and backward. ``dynamic=True``: packed batches change shape every
     step, and one symbolic-shape graph serves them all. `nn.Module.compile` leaves the parameter names
     alone, so checkpoints and the saved model are those of an uncompiled run. Under DeepSpeed or FSDP,
-    which rewrite the layers' parameters, it is refused.
+    which rewrite the layers' parameters, it is refused (known from the ``ACCELERATE_USE_DEEPSPEED`` /
+    ``ACCELERATE_USE_FSDP`` variables `accelerate launch` sets).
 
     Raises:
         CalltuneError: the model has no ``layers`` list in its decoder, or DeepSpeed / FSDP runs it.
     """
-    launcher = [name for name, env in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP"))
-                if os.environ.get(env, "").lower() in ("1", "true")]
-    if launcher:
-        raise CalltuneError(f"train.torch_compile: not supported under {launcher[0]}; compile in single-process or "
-                            "DDP runs (recipes/accelerate/ddp.yaml), or set train.torch_compile: false")
+    _refuse_compile_under_sharding()
     decoder, _ = causal_lm_parts(model)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
@@ -412,6 +418,8 @@ def train(model_name: str, examples: list[Example], fmt: PromptFormat, cfg: Trai
             whose message says which flag to pass); ``cfg.batch_size`` does not split among the processes.
     """
     output_dir = Path(output_dir)
+    if cfg.torch_compile:
+        _refuse_compile_under_sharding()  # before the folder and the model are touched
     flush_denormals()
     args = training_arguments(cfg, output_dir / CHECKPOINTS)
     resume = bool(resume_from_checkpoint)

@@ -212,11 +212,10 @@ def run_calltune(spec: dict, out_dir: Path):
                                         tokenize_examples, training_arguments)
 
     examples, fmt = _viggo_rows(spec["train_csv"], spec["rows"], spec["seed"])
+    settings = {**spec.get("calltune_set", {}), "torch_compile": spec["trainer"] == "calltune_compiled"}
     cfg = TrainConfig(method=spec["method"], max_steps=spec["steps"], batch_size=spec["batch_size"],
                       learning_rate=LEARNING_RATE[spec["method"]], max_length=spec["max_length"],
-                      packing=spec["calltune_packing"], logging_steps=1,
-                      **{**spec.get("calltune_set", {}), **({"torch_compile": True}
-                                                            if spec["trainer"] == "calltune_compiled" else {})},
+                      packing=spec["calltune_packing"], logging_steps=1, **settings,
                       lora={"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
                             "target_modules": LORA["target_modules"]})
     torch.manual_seed(cfg.seed)
